@@ -1,0 +1,82 @@
+"""Test set-up: real Redis, real PostgreSQL and SQLite, fake model and RAGFlow servers.
+
+Redis and PostgreSQL come from TEST_REDIS_URL and TEST_DATABASE_URL (defaults: the
+local servers).  When one is not reachable, the tests that need it skip and say how
+to enable them; with WHITENOTE_REQUIRE_SERVICES=1 (as in CI) they fail instead.
+"""
+import os
+import sys
+import tempfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import services  # noqa: E402
+
+_session_dir = tempfile.mkdtemp(prefix='whitenote-tests-')
+os.environ.update({
+    'DATABASE_URL': 'sqlite:///%s/import.db' % _session_dir,
+    'WHITENOTE_SECRET': 'test-secret-not-for-production',
+    'WHITENOTE_TIMEZONE': 'UTC',
+    'HTTP_TIMEOUT': '2',
+})
+for name in ('OPENAI_API_KEY', 'OPENAI_BASE_URL', 'AUTO_TAG_MODEL', 'RAGFLOW_BASE_URL',
+             'RAGFLOW_API_KEY', 'RAGFLOW_DATASET_ID', 'REDIS_URL'):
+    os.environ.pop(name, None)
+if services.redis_reachable(services.REDIS_URL):
+    os.environ['REDIS_URL'] = services.REDIS_URL
+
+from fake_model import FakeModel  # noqa: E402
+
+import models  # noqa: E402
+import whitenote_huey  # noqa: E402
+
+
+def pytest_report_header(config):
+    return 'whitenote-huey tests: redis %s, postgresql %s' % (
+        services.REDIS_URL if os.environ.get('REDIS_URL') else 'NOT reachable',
+        services.DATABASE_URL if services.postgres_reachable() else 'NOT reachable')
+
+
+@pytest.fixture(scope='session')
+def postgres_url():
+    """A fresh PostgreSQL database for this session with the web app's tables."""
+    services.require('postgresql', services.postgres_reachable())
+    url = services.create_test_database()
+    yield url
+    whitenote_huey.use_database(os.environ['DATABASE_URL'])
+    services.drop_test_database(url)
+
+
+@pytest.fixture(params=['sqlite', 'postgresql'])
+def db(request, tmp_path):
+    """The models bound to a clean database of each kind, holding the web app's tables."""
+    if request.param == 'sqlite':
+        url = 'sqlite:///%s/whitenote.db' % tmp_path
+        whitenote_huey.use_database(url)
+        services.create_webapp_tables(models.database)
+    else:
+        url = request.getfixturevalue('postgres_url')
+        whitenote_huey.use_database(url)
+        services.truncate_all(models.database)
+    models.create_tables()
+    yield services.Database(request.param, url, models.database)
+    models.database.close()
+
+
+@pytest.fixture
+def redis_queue():
+    """The worker's Huey instance on real Redis, emptied before and after."""
+    services.require('redis', bool(os.environ.get('REDIS_URL')))
+    whitenote_huey.huey.flush()
+    yield whitenote_huey.huey
+    whitenote_huey.huey.flush()
+
+
+@pytest.fixture
+def model():
+    with FakeModel(api_key='sk-test-model-key') as fake:
+        yield fake

@@ -1,0 +1,225 @@
+"""Reaching the test services, and the helpers that prepare databases and data."""
+import dataclasses
+import datetime
+import os
+import socket
+import subprocess
+import sys
+import time
+from urllib.parse import urlparse
+
+import pytest
+
+REDIS_URL = os.environ.get('TEST_REDIS_URL', 'redis://127.0.0.1:6379/15')
+DATABASE_URL = os.environ.get('TEST_DATABASE_URL', 'postgresql://postgres@127.0.0.1:5432/test')
+REQUIRE = os.environ.get('WHITENOTE_REQUIRE_SERVICES') == '1'
+SCHEMA_SQL = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'whitenote-schema.sql')
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+HOW_TO_ENABLE = {
+    'redis': 'start Redis on 127.0.0.1:6379 or set TEST_REDIS_URL',
+    'postgresql': 'start PostgreSQL on 127.0.0.1:5432 (user postgres, database test) '
+                  'or set TEST_DATABASE_URL',
+}
+
+
+def require(service: str, available: bool) -> None:
+    """Skip (or, with WHITENOTE_REQUIRE_SERVICES=1, fail) when a service is missing."""
+    if available:
+        return
+    message = '%s not reachable: %s' % (service, HOW_TO_ENABLE[service])
+    if REQUIRE:
+        pytest.fail(message + ' (WHITENOTE_REQUIRE_SERVICES=1 forbids skipping)')
+    pytest.skip(message)
+
+
+def _port_open(url: str, default_port: int) -> bool:
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname or '127.0.0.1', parsed.port or default_port),
+                                      timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def redis_reachable(url: str = REDIS_URL) -> bool:
+    if not _port_open(url, 6379):
+        return False
+    import redis
+    try:
+        return redis.Redis.from_url(url, socket_timeout=2).ping()
+    except redis.RedisError:
+        return False
+
+
+def postgres_reachable() -> bool:
+    if not _port_open(DATABASE_URL, 5432):
+        return False
+    import psycopg2
+    try:
+        psycopg2.connect(DATABASE_URL, connect_timeout=2).close()
+        return True
+    except psycopg2.Error:
+        return False
+
+
+def _admin(statement: str) -> None:
+    import psycopg2
+    conn = psycopg2.connect(DATABASE_URL)
+    conn.autocommit = True
+    try:
+        conn.cursor().execute(statement)
+    finally:
+        conn.close()
+
+
+def create_test_database() -> str:
+    """A new database named for this process, with the web app's schema applied."""
+    name = 'whitenote_test_%d' % os.getpid()
+    _admin('DROP DATABASE IF EXISTS %s' % name)
+    _admin('CREATE DATABASE %s' % name)
+    url = urlparse(DATABASE_URL)._replace(path='/' + name).geturl()
+    import psycopg2
+    conn = psycopg2.connect(url)
+    with conn, conn.cursor() as cursor:
+        cursor.execute(open(SCHEMA_SQL).read())
+    conn.close()
+    return url
+
+
+def drop_test_database(url: str) -> None:
+    _admin('DROP DATABASE IF EXISTS %s WITH (FORCE)' % urlparse(url).path[1:])
+
+
+def create_webapp_tables(database) -> None:
+    """The web app's tables, from its SQL, as it would have made them."""
+    database.connection().executescript(open(SCHEMA_SQL).read())
+
+
+def truncate_all(database) -> None:
+    tables = [t for t in database.get_tables()]
+    if tables:
+        database.execute_sql('TRUNCATE %s CASCADE' % ', '.join('"%s"' % t for t in tables))
+
+
+@dataclasses.dataclass
+class Database:
+    kind: str
+    url: str
+    handle: object
+
+
+# Data.
+
+def make_user(email: str = None, config: dict | None = None):
+    """A user, with an AiConfig row when ``config`` is given (None: no row at all)."""
+    from models import AiConfig
+    from models import User
+    user = User.create(email=email or 'user-%s@example.org' % time.monotonic_ns())
+    if config is not None:
+        AiConfig.create(user=user, **config)
+    return user
+
+
+def model_config(fake, **extra) -> dict:
+    """AiConfig fields that point a user at a fake model server."""
+    return dict(openai_base_url=fake.url, openai_api_key=fake.api_key, **extra)
+
+
+def make_message(user, content: str, created_at: datetime.datetime | None = None, **fields):
+    from models import Message
+    from models import utcnow
+    created_at = created_at or utcnow()
+    return Message.create(author=user, content=content, created_at=created_at,
+                          updated_at=created_at, **fields)
+
+
+def tag_names(message_id: str) -> list[str]:
+    from models import MessageTag
+    from models import Tag
+    query = (Tag
+             .select(Tag.name)
+             .join(MessageTag)
+             .where(MessageTag.message == message_id)
+             .order_by(Tag.name))
+    return [tag.name for tag in query]
+
+
+def job_state(kind: str, message_id: str):
+    from models import JobState
+    return JobState.get_or_none((JobState.kind == kind) & (JobState.message_id == message_id))
+
+
+def drain(huey, max_tasks: int = 200) -> int:
+    """Run every queued and scheduled task in this process, retries included, at once."""
+    far_future = datetime.datetime.utcnow() + datetime.timedelta(days=1)
+    count = 0
+    while count < max_tasks:
+        task = huey.dequeue() if huey.pending_count() else None
+        if task is not None:
+            huey.execute(task, far_future)
+            count += 1
+            continue
+        scheduled = huey.read_schedule(far_future)
+        if not scheduled:
+            return count
+        for task in scheduled:
+            huey.execute(task, far_future)
+            count += 1
+    raise AssertionError('queue did not drain in %d tasks' % max_tasks)
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1, what: str = 'condition'):
+    """Poll until ``predicate()`` is true; a deadline for progress, not a timing claim."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError('timed out after %.0fs waiting for %s' % (timeout, what))
+
+
+def subprocess_env(env: dict) -> dict:
+    """This process's environment for a worker subprocess; REDIS_URL only if ``env`` has it."""
+    full = {k: v for k, v in os.environ.items() if k != 'REDIS_URL'}
+    full['PYTHONPATH'] = ROOT
+    full.update(env)
+    return full
+
+
+class Consumer:
+    """The real ``huey_consumer whitenote_huey.huey`` as a subprocess."""
+
+    def __init__(self, env: dict, cwd: str, *options: str, log_path: str | None = None):
+        self.env = env
+        self.cwd = cwd
+        self.options = options or ('-w', '2', '-k', 'thread')
+        self.log_path = log_path or os.path.join(cwd, 'consumer.log')
+        self.process = None
+
+    def start(self) -> 'Consumer':
+        env = subprocess_env(self.env)
+        self._log = open(self.log_path, 'ab')
+        consumer = os.path.join(os.path.dirname(sys.executable), 'huey_consumer')
+        self.process = subprocess.Popen([consumer, 'whitenote_huey.huey', *self.options],
+                                        cwd=self.cwd, env=env, stdout=self._log,
+                                        stderr=subprocess.STDOUT)
+        return self
+
+    def log(self) -> str:
+        with open(self.log_path, errors='replace') as handle:
+            return handle.read()
+
+    def stop(self, sig=None, timeout: float = 30) -> int:
+        import signal
+        if self.process.poll() is None:
+            self.process.send_signal(sig or signal.SIGINT)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode

@@ -1,0 +1,135 @@
+"""End to end through the real huey_consumer, the command line and run_consumer.sh."""
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+from fake_model import FakeModel
+from fake_model import tags
+from services import ROOT
+from services import Consumer
+from services import job_state
+from services import subprocess_env
+from services import tag_names
+from services import wait_for
+
+
+def insert_message_with_sql(db, user_id: str, message_id: str, content: str, config: dict) -> None:
+    """Rows as the web app writes them, with plain SQL (no worker code involved)."""
+    statements = [
+        ('INSERT INTO "User" ("id", "email", "passwordHash", "updatedAt") '
+         'VALUES (%s, %s, %s, CURRENT_TIMESTAMP)', (user_id, user_id + '@example.org', 'x')),
+        ('INSERT INTO "AiConfig" ("id", "userId", "openaiBaseUrl", "openaiApiKey", "updatedAt") '
+         'VALUES (%s, %s, %s, %s, CURRENT_TIMESTAMP)',
+         ('cfg' + user_id, user_id, config['base_url'], config['api_key'])),
+        ('INSERT INTO "Message" ("id", "content", "authorId", "updatedAt") '
+         'VALUES (%s, %s, %s, CURRENT_TIMESTAMP)', (message_id, content, user_id)),
+    ]
+    placeholder = '?' if db.kind == 'sqlite' else '%s'
+    for sql, params in statements:
+        db.handle.execute_sql(sql.replace('%s', placeholder), params)
+
+
+def worker_env(db, redis: bool) -> dict:
+    env = {'DATABASE_URL': db.url, 'WHITENOTE_SECRET': os.environ['WHITENOTE_SECRET'], 'LOG_LEVEL': 'INFO'}
+    if redis:
+        env['REDIS_URL'] = os.environ['REDIS_URL']
+    return env
+
+
+def cli(env: dict, cwd: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, '-m', 'whitenote_huey', *args], cwd=cwd,
+                          env=subprocess_env(env),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_auto_tag_called_in_process_runs_on_the_consumer(db, redis_queue, tmp_path):
+    import whitenote_huey
+    with FakeModel(api_key='sk-e2e-key-000') as model:
+        model.respond(tags('consumer', 'e2e'))
+        insert_message_with_sql(db, 'u1', 'm1', 'end to end', {'base_url': model.url,
+                                                              'api_key': model.api_key})
+        consumer = Consumer(worker_env(db, redis=True), str(tmp_path)).start()
+        try:
+            whitenote_huey.auto_tag('u1', 'm1')
+            wait_for(lambda: tag_names('m1') == ['consumer', 'e2e'], what='tags from the consumer')
+        finally:
+            consumer.stop()
+        assert job_state('auto-tag', 'm1').status == 'done'
+        assert 'sk-e2e-key-000' not in consumer.log()
+        assert '[auto-tag] m1 done' in consumer.log()
+
+
+@pytest.mark.parametrize('redis', [True, False], ids=['redis', 'embedded-queue'])
+def test_command_line_enqueue_runs_on_the_consumer(db, tmp_path, redis):
+    if redis:
+        import services
+        services.require('redis', bool(os.environ.get('REDIS_URL')))
+    with FakeModel(api_key='sk-e2e-key-001') as model:
+        insert_message_with_sql(db, 'u2', 'm2', 'from the shell', {'base_url': model.url,
+                                                                  'api_key': model.api_key})
+        env = worker_env(db, redis)
+        consumer = Consumer(env, str(tmp_path)).start()
+        try:
+            result = cli(env, str(tmp_path), 'enqueue', 'auto-tag', 'm2')
+            assert result.returncode == 0, result.stderr
+            wait_for(lambda: tag_names('m2') == ['alpha', 'beta'], what='tags from the consumer')
+        finally:
+            consumer.stop()
+        missing = cli(env, str(tmp_path), 'enqueue', 'auto-tag', 'no-such-message')
+        assert missing.returncode == 1 and 'no message' in missing.stderr
+
+
+def test_sigterm_through_run_consumer_sh_lets_the_running_job_finish(db, redis_queue, tmp_path):
+    import whitenote_huey
+    with FakeModel(api_key='sk-e2e-key-002') as model:
+        model.respond(tags('finished', delay=1.5))
+        insert_message_with_sql(db, 'u3', 'm3', 'slow job', {'base_url': model.url,
+                                                            'api_key': model.api_key})
+        env = dict(os.environ, **worker_env(db, redis=True), WORKERS='2',
+                   PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'])
+        log = open(tmp_path / 'run.log', 'wb')
+        process = subprocess.Popen([os.path.join(ROOT, 'run_consumer.sh')], cwd=str(tmp_path),
+                                   env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            whitenote_huey.auto_tag('u3', 'm3')
+            wait_for(lambda: model.chat_requests(), what='the job to reach the model')
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(30) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+        assert tag_names('m3') == ['finished']
+        assert job_state('auto-tag', 'm3').status == 'done'
+
+
+def test_embedded_defaults_need_no_server(tmp_path):
+    """No DATABASE_URL, no REDIS_URL, no key: init-db, enqueue, consumer, offline tags."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ('DATABASE_URL', 'REDIS_URL', 'OPENAI_API_KEY', 'WHITENOTE_SECRET')}
+    env['PYTHONPATH'] = ROOT
+    run = lambda *args: subprocess.run([sys.executable, '-m', 'whitenote_huey', *args],  # noqa: E731
+                                       cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run('init-db').returncode == 0
+    assert 'exist already' in run('init-db').stdout
+    conn = sqlite3.connect(tmp_path / 'whitenote.db')
+    conn.execute('INSERT INTO "User" ("id", "email", "passwordHash", "updatedAt") '
+                 "VALUES ('u4', 'u4@example.org', 'x', CURRENT_TIMESTAMP)")
+    conn.execute('INSERT INTO "Message" ("id", "content", "authorId", "updatedAt") '
+                 "VALUES ('m4', 'offline #standalone note', 'u4', CURRENT_TIMESTAMP)")
+    conn.commit()
+    assert run('enqueue', 'auto-tag', 'm4').returncode == 0
+    process = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), 'huey_consumer'),
+                                'whitenote_huey.huey', '-w', '1'], cwd=tmp_path, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        query = ('SELECT t."name" FROM "MessageTag" mt JOIN "Tag" t ON t."id" = mt."tagId" '
+                 "WHERE mt.\"messageId\" = 'm4'")
+        wait_for(lambda: conn.execute(query).fetchall() == [('standalone',)], what='offline tag')
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(30)
+    assert (tmp_path / 'whitenote-queue.db').exists()
+    assert oct((tmp_path / '.whitenote-secret').stat().st_mode)[-3:] == '600'
