@@ -190,6 +190,18 @@ def load_secret(config: Settings) -> str:
     return key
 
 
+class CheckedSerializer(SignedSerializer):
+    """Huey's signed pickles; a payload that fails the signature check is never unpickled."""
+
+    def _unsign(self, signed: bytes) -> bytes:
+        try:
+            return super()._unsign(signed)
+        except ValueError:
+            logger.error('rejected a queued payload of %d bytes: missing or bad signature '
+                         '(not written by a worker with this WHITENOTE_SECRET)', len(signed))
+            raise
+
+
 def make_huey(config: Settings) -> Huey:
     """Redis when REDIS_URL is set, else Huey's SQLite storage beside the data.
 
@@ -197,7 +209,7 @@ def make_huey(config: Settings) -> Huey:
     arbitrary data; results are not stored, since the database records outcomes.
     """
     options = dict(results=False, utc=True,
-                   serializer=SignedSerializer(secret=load_secret(config), salt='whitenote-huey'))
+                   serializer=CheckedSerializer(secret=load_secret(config), salt='whitenote-huey'))
     if config.redis_url:
         if not config.secret:
             logger.warning('WHITENOTE_SECRET is unset: payloads are signed with a key '
@@ -344,6 +356,14 @@ def job(kind: str, message_id: str, user_id: str, task: Task | None) -> Iterator
     logger.info('[%s] %s %s in %.2fs', kind, message_id, run.outcome, time.monotonic() - started)
 
 
+def outbound_url(url: str, setting: str) -> str:
+    """A per-user service URL, checked before any request goes to it."""
+    parsed = urlparse(url.strip())
+    if parsed.scheme not in ('http', 'https') or not parsed.hostname:
+        raise PermanentError('%s %r is not an http(s) URL' % (setting, url[:100]))
+    return url.strip()
+
+
 # The model client.
 
 @dataclasses.dataclass(frozen=True)
@@ -356,7 +376,8 @@ class ModelSettings:
 def model_settings(config: AiConfig, model: str) -> ModelSettings | None:
     """The user's model endpoint if they have a key, else the environment's, else None."""
     if config.openai_api_key:
-        return ModelSettings(config.openai_base_url, config.openai_api_key, model)
+        return ModelSettings(outbound_url(config.openai_base_url, 'AiConfig.openaiBaseUrl'),
+                             config.openai_api_key, model)
     if settings.openai_api_key:
         return ModelSettings(settings.openai_base_url, settings.openai_api_key,
                              settings.auto_tag_model)
