@@ -21,6 +21,7 @@ import random
 import re
 import secrets
 import sys
+import threading
 import time
 import unicodedata
 from collections.abc import Iterator
@@ -70,6 +71,7 @@ class Settings:
     timezone: ZoneInfo
     secret: str
     http_timeout: float
+    job_lease: float
     log_level: str
 
     @property
@@ -138,6 +140,7 @@ def load_settings(env: dict | None = None) -> Settings:
         timezone=timezone,
         secret=env.get('WHITENOTE_SECRET', '').strip(),
         http_timeout=_float(env, 'HTTP_TIMEOUT', 20.0),
+        job_lease=_float(env, 'JOB_LEASE_SECONDS', 60.0),
         log_level=log_level,
     )
 
@@ -292,6 +295,55 @@ def content_hash(*parts: str) -> str:
     return digest.hexdigest()
 
 
+class LeaseKeeper:
+    """Renews the leases of the jobs running in this process.
+
+    A running job's state holds a short lease; while the process lives, one thread
+    extends it, so only the jobs of a worker that died see their lease expire and are
+    taken up again by the sweep, however long a job runs.
+    """
+
+    def __init__(self):
+        self._state_ids: set[int] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+
+    def hold(self, state_id: int) -> None:
+        with self._lock:
+            self._state_ids.add(state_id)
+            self._wake.set()
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._renew_forever, name='lease-keeper',
+                                                daemon=True)
+                self._thread.start()
+
+    def release(self, state_id: int) -> None:
+        with self._lock:
+            self._state_ids.discard(state_id)
+
+    def _renew_forever(self) -> None:
+        while True:
+            self._wake.wait(settings.job_lease / 3)
+            self._wake.clear()
+            with self._lock:
+                state_ids = list(self._state_ids)
+            if not state_ids:
+                continue
+            try:
+                with database.connection_context():
+                    (JobState
+                     .update(lease_until=utcnow() + datetime.timedelta(seconds=settings.job_lease))
+                     .where(JobState.id.in_(state_ids) & (JobState.status == 'running'))
+                     .execute())
+            except Exception as exc:
+                logger.warning('could not renew the leases of %d running job(s): %s',
+                               len(state_ids), redact(str(exc))[:300])
+
+
+leases = LeaseKeeper()
+
+
 class JobRun:
     """One run of a job on one message: its state row and its outcome."""
 
@@ -308,9 +360,10 @@ class JobRun:
         self.state.status = 'running'
         self.state.content_hash = input_hash
         self.state.attempts += 1
-        self.state.lease_until = utcnow() + datetime.timedelta(seconds=120)
+        self.state.lease_until = utcnow() + datetime.timedelta(seconds=settings.job_lease)
         self.state.updated_at = utcnow()
         self.state.save()
+        leases.hold(self.state.id)
 
     def finish(self, status: str, detail: str | None = None, **fields) -> None:
         self.outcome = status
@@ -353,6 +406,8 @@ def job(kind: str, message_id: str, user_id: str, task: Task | None) -> Iterator
                 logger.warning('[%s] %s will retry in %.1fs (attempt %d): %s', kind, message_id,
                                delay, run.state.attempts, error)
             raise JobFailed('%s %s: %s' % (kind, message_id, error)) from None
+        finally:
+            leases.release(run.state.id)
     logger.info('[%s] %s %s in %.2fs', kind, message_id, run.outcome, time.monotonic() - started)
 
 

@@ -13,6 +13,7 @@ from services import make_message
 from services import make_user
 from services import model_config
 from services import tag_names
+from services import wait_for
 
 import models
 import whitenote_huey
@@ -229,3 +230,22 @@ def test_enqueue_message_jobs_respects_enable_auto_tag(model):
     assert whitenote_huey.enqueue_message_jobs(on.id, make_message(on, 'x').id) == ['auto-tag']
     assert whitenote_huey.enqueue_message_jobs(off.id, make_message(off, 'y').id) == []
     assert len(whitenote_huey.huey) == 1
+
+
+def test_a_running_jobs_lease_is_renewed_while_it_runs(model, monkeypatch):
+    import threading
+    monkeypatch.setattr(whitenote_huey, 'settings', whitenote_huey.dataclasses.replace(
+        whitenote_huey.settings, job_lease=0.6))
+    user = make_user(config=model_config(model))
+    message = make_message(user, 'long job')
+    model.respond(tags('slowly', delay=1.5))
+    whitenote_huey.auto_tag(user.id, message.id)
+    worker = threading.Thread(target=drain, args=(whitenote_huey.huey,))
+    worker.start()
+    first = wait_for(lambda: getattr(job_state('auto-tag', message.id), 'lease_until', None),
+                     what='the job to take its lease')
+    renewed = wait_for(lambda: (job_state('auto-tag', message.id).lease_until or first) > first,
+                       what='the lease to be renewed')
+    worker.join()
+    state = job_state('auto-tag', message.id)
+    assert renewed and state.status == 'done' and state.lease_until is None
