@@ -25,11 +25,13 @@ import threading
 import time
 import unicodedata
 from collections.abc import Iterator
+from urllib.parse import quote
 from urllib.parse import urlparse
 from zoneinfo import ZoneInfo
 from zoneinfo import ZoneInfoNotFoundError
 
 import openai
+import requests
 from dotenv import load_dotenv
 from huey import PriorityRedisHuey
 from huey import SqliteHuey
@@ -68,6 +70,9 @@ class Settings:
     openai_api_key: str
     openai_base_url: str
     auto_tag_model: str
+    ragflow_base_url: str
+    ragflow_api_key: str = dataclasses.field(repr=False)
+    ragflow_dataset_id: str
     timezone: ZoneInfo
     secret: str
     http_timeout: float
@@ -129,6 +134,12 @@ def load_settings(env: dict | None = None) -> Settings:
     log_level = (env.get('LOG_LEVEL', '').strip() or 'INFO').upper()
     if log_level not in ('DEBUG', 'INFO', 'WARNING', 'ERROR'):
         raise SettingsError('LOG_LEVEL: %r is not DEBUG, INFO, WARNING or ERROR' % log_level)
+    ragflow_api_key = env.get('RAGFLOW_API_KEY', '').strip()
+    ragflow_dataset_id = env.get('RAGFLOW_DATASET_ID', '').strip()
+    if ragflow_api_key and not ragflow_dataset_id:
+        raise SettingsError('RAGFLOW_DATASET_ID: must be set too when RAGFLOW_API_KEY is')
+    if ragflow_dataset_id and not ragflow_api_key:
+        raise SettingsError('RAGFLOW_API_KEY: must be set too when RAGFLOW_DATASET_ID is')
     return Settings(
         database_url=_url(env, 'DATABASE_URL', ('postgresql', 'postgres', 'sqlite'),
                           'sqlite:///whitenote.db'),
@@ -137,6 +148,9 @@ def load_settings(env: dict | None = None) -> Settings:
         openai_base_url=_url(env, 'OPENAI_BASE_URL', ('http', 'https'),
                              'https://api.openai.com'),
         auto_tag_model=env.get('AUTO_TAG_MODEL', '').strip() or 'gpt-3.5-turbo',
+        ragflow_base_url=_url(env, 'RAGFLOW_BASE_URL', ('http', 'https'), 'http://localhost:4154'),
+        ragflow_api_key=ragflow_api_key,
+        ragflow_dataset_id=ragflow_dataset_id,
         timezone=timezone,
         secret=env.get('WHITENOTE_SECRET', '').strip(),
         http_timeout=_float(env, 'HTTP_TIMEOUT', 20.0),
@@ -365,6 +379,24 @@ class JobRun:
         self.state.save()
         leases.hold(self.state.id)
 
+    def claim(self, input_hash: str, seconds: float) -> bool:
+        """Start like ``start``, but only if no other live run holds this row's lease.
+
+        One atomic UPDATE, so two workers on one message cannot both proceed; a
+        lease left by a worker that died expires after ``seconds``.
+        """
+        now = utcnow()
+        free = ((JobState.status != 'running') | JobState.lease_until.is_null()
+                | (JobState.lease_until <= now))
+        claimed = (JobState
+                   .update(status='running', content_hash=input_hash,
+                           attempts=JobState.attempts + 1, updated_at=now,
+                           lease_until=now + datetime.timedelta(seconds=seconds))
+                   .where((JobState.id == self.state.id) & free)
+                   .execute())
+        self.state = JobState.get_by_id(self.state.id)
+        return bool(claimed)
+
     def finish(self, status: str, detail: str | None = None, **fields) -> None:
         self.outcome = status
         JobState.update(status=status, detail=detail, last_error=None, lease_until=None,
@@ -538,6 +570,15 @@ def user_tag_names(user_id: str, limit: int = 50) -> list[str]:
     return [tag.name for tag in query]
 
 
+def message_tag_names(message_id: str) -> list[str]:
+    """The names of the tags on one message, in a stable order (ignoring case first)."""
+    query = (Tag
+             .select(Tag.name)
+             .join(MessageTag)
+             .where(MessageTag.message == message_id))
+    return sorted((tag.name for tag in query), key=lambda name: (name.casefold(), name))
+
+
 TAG_PROMPT = (
     'You tag short personal notes. Answer with only a JSON array of 1 to 3 short tags '
     '(2-15 characters each, in the language of the note, English or Chinese), such as '
@@ -574,6 +615,173 @@ def apply_auto_tags(message_id: str, state: JobState, names: list[str]) -> list[
         return [tag_id for tag_id in wanted if tag_id not in user_linked]
 
 
+# RAGFlow.
+
+RAGFLOW_PAGE_SIZE = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class RagflowSettings:
+    base_url: str
+    api_key: str = dataclasses.field(repr=False)
+    dataset_id: str
+
+
+def ragflow_settings(config: AiConfig) -> RagflowSettings | None:
+    """The user's dataset if their AI settings name a key and a dataset, else the environment's.
+
+    ``enableRag`` is not consulted: it decides whether the web app's chat answers from
+    RAGFlow, and keeping the dataset current means turning it on needs no backfill.
+    """
+    if config.ragflow_api_key.strip() and config.ragflow_dataset_id.strip():
+        return RagflowSettings(config.ragflow_base_url.strip() or settings.ragflow_base_url,
+                               config.ragflow_api_key.strip(), config.ragflow_dataset_id.strip())
+    if settings.ragflow_api_key and settings.ragflow_dataset_id:
+        return RagflowSettings(settings.ragflow_base_url, settings.ragflow_api_key,
+                               settings.ragflow_dataset_id)
+    return None
+
+
+_ragflow_local = threading.local()
+
+
+def ragflow_session() -> requests.Session:
+    """This worker thread's session, so connections to RAGFlow are reused across jobs."""
+    session = getattr(_ragflow_local, 'session', None)
+    if session is None:
+        session = _ragflow_local.session = requests.Session()
+    return session
+
+
+def ragflow_answer(response: requests.Response, what: str) -> dict:
+    """The checks every RAGFlow answer needs; returns the envelope ``{"code": ..., ...}``.
+
+    RAGFlow reports most errors with HTTP 200 and a non-zero ``code``.  A refused key
+    (HTTP 401, code 109 or 401) and a refusal with ``code`` 0 and ``data: false`` (no
+    auth header, SDK disabled) are permanent.  HTTP 408/429/5xx, an answer that is not
+    RAGFlow's JSON, and code 100 (an exception on its side, "busy" included, except the
+    4xx of a wrong route) are transient.  Other codes are for the caller to judge.
+    """
+    status = response.status_code
+    if status == 401:
+        raise PermanentError('RAGFlow %s: HTTP 401, the API key was refused' % what)
+    if status in (408, 429) or status >= 500:
+        raise TransientError('RAGFlow %s: HTTP %d' % (what, status),
+                             retry_after_seconds(response.headers.get('Retry-After')))
+    if status >= 400:
+        raise PermanentError('RAGFlow %s: HTTP %d' % (what, status))
+    try:
+        answer = response.json()
+    except ValueError:
+        raise TransientError('RAGFlow %s: the answer is not JSON (HTTP %d)' % (what, status)) from None
+    if not isinstance(answer, dict) or type(answer.get('code')) is not int:
+        raise TransientError('RAGFlow %s: the answer has no code' % what)
+    code, message = answer['code'], str(answer.get('message') or '')[:300]
+    if code in (109, 401):
+        raise PermanentError('RAGFlow %s: authentication error (code %d): %s' % (what, code, message))
+    if code == 0 and answer.get('data') is False:
+        raise PermanentError('RAGFlow %s refused: %s' % (what, message))
+    if code == 100 and not re.match(r"<\w+ '4\d\d: ", message):
+        raise TransientError('RAGFlow %s: server error (code 100): %s' % (what, message))
+    return answer
+
+
+def ragflow_call(endpoint: RagflowSettings, method: str, path: str, what: str, **kwargs) -> dict:
+    """One call on the user's dataset, with the user's key and a timeout; its checked answer."""
+    url = '%s/api/v1/datasets/%s/%s' % (endpoint.base_url.rstrip('/'),
+                                        quote(endpoint.dataset_id, safe=''), path)
+    headers = {'Authorization': 'Bearer %s' % endpoint.api_key}
+    try:
+        response = ragflow_session().request(method, url, headers=headers,
+                                             timeout=settings.http_timeout, **kwargs)
+    except requests.Timeout:
+        raise TransientError('RAGFlow %s timed out after %gs' % (what, settings.http_timeout)) from None
+    except requests.RequestException as exc:
+        if isinstance(exc, ValueError):  # a URL or header requests refuses to send
+            raise PermanentError('RAGFlow %s: unusable request (%s); check ragflowBaseUrl'
+                                 % (what, type(exc).__name__)) from None
+        raise TransientError('RAGFlow %s failed: %s' % (what, type(exc).__name__)) from None
+    return ragflow_answer(response, what)
+
+
+def _ragflow_failed(answer: dict, what: str) -> PermanentError:
+    return PermanentError('RAGFlow %s failed (code %s): %s'
+                          % (what, answer['code'], str(answer.get('message') or '')[:300]))
+
+
+def document_name(message_id: str) -> str:
+    return 'message_%s.md' % message_id
+
+
+def document_text(content: str, tag_names: list[str]) -> str:
+    """A "#tag1 #tag2" line and a blank line when the message has tags, then its content."""
+    if not tag_names:
+        return content
+    return '%s\n\n%s' % (' '.join('#' + name for name in tag_names), content)
+
+
+def upload_document(endpoint: RagflowSettings, name: str, text: str) -> dict:
+    """Upload one Markdown file; RAGFlow's answer for it (``id``, and ``name``, maybe renamed)."""
+    answer = ragflow_call(endpoint, 'POST', 'documents', 'upload',
+                          files={'file': (name, text.encode('utf-8'), 'text/markdown')})
+    if answer['code'] != 0:
+        raise _ragflow_failed(answer, 'upload')
+    docs = answer.get('data')
+    if not (isinstance(docs, list) and docs and isinstance(docs[0], dict)
+            and isinstance(docs[0].get('id'), str)):
+        raise TransientError('RAGFlow upload: the answer names no document')
+    return docs[0]
+
+
+def message_documents(endpoint: RagflowSettings, message_id: str) -> list[dict]:
+    """Every document of this message: ``message_<id>.md`` and RAGFlow's renamed copies.
+
+    ``keywords`` is a substring filter, so names are matched exactly here: the id of
+    another message may start with this one's.
+    """
+    own = re.compile(r'message_%s(?:\(\d+\))?\.md' % re.escape(message_id))
+    found, page = [], 1
+    while True:
+        answer = ragflow_call(endpoint, 'GET', 'documents', 'list', params={
+            'keywords': 'message_%s' % message_id, 'page': page,
+            'page_size': RAGFLOW_PAGE_SIZE, 'orderby': 'create_time', 'desc': 'false'})
+        if answer['code'] != 0:
+            raise _ragflow_failed(answer, 'list')
+        data = answer.get('data')
+        docs = data.get('docs') if isinstance(data, dict) else None
+        total = data.get('total') if isinstance(data, dict) else None
+        if not isinstance(docs, list) or type(total) is not int:
+            raise TransientError('RAGFlow list: the answer has no documents')
+        found += [doc for doc in docs
+                  if isinstance(doc, dict) and own.fullmatch(str(doc.get('name')))
+                  and isinstance(doc.get('id'), str)]
+        if len(docs) < RAGFLOW_PAGE_SIZE or page * RAGFLOW_PAGE_SIZE >= total:
+            return found
+        page += 1
+
+
+def delete_documents(endpoint: RagflowSettings, ids: list[str]) -> None:
+    """Delete these documents; with no ids nothing is sent (RAGFlow would delete them all)."""
+    if not ids:
+        return
+    answer = ragflow_call(endpoint, 'DELETE', 'documents', 'delete', json={'ids': ids})
+    if answer['code'] != 0 and not str(answer.get('message')).startswith('Documents not found'):
+        raise _ragflow_failed(answer, 'delete')
+
+
+def remove_documents(endpoint: RagflowSettings, message_id: str, keep: str | None = None) -> int:
+    """Delete every document of the message but ``keep``; how many were deleted."""
+    ids = [doc['id'] for doc in message_documents(endpoint, message_id) if doc['id'] != keep]
+    delete_documents(endpoint, ids)
+    return len(ids)
+
+
+def parse_documents(endpoint: RagflowSettings, ids: list[str]) -> None:
+    answer = ragflow_call(endpoint, 'POST', 'chunks', 'parse', json={'document_ids': ids})
+    if answer['code'] != 0:
+        raise _ragflow_failed(answer, 'parse')
+
+
 # Tasks.
 
 @huey.task(retries=RETRIES, retry_delay=RETRY_DELAY, context=True)
@@ -600,12 +808,80 @@ def auto_tag(user_id: str, message_id: str, task: Task | None = None) -> None:
             run.secrets = (endpoint.api_key,)
             answer = ask_model(endpoint, tag_prompt(message.content, known_tags))
             names, how = validate_tags(parse_tag_answer(answer)), 'model %s' % endpoint.model
+        before = message_tag_names(message_id)
         added = apply_auto_tags(message_id, run.state, names)
         run.finish('done', '%d tag(s) by %s' % (len(names), how), tags_added=json.dumps(added))
+        if message_tag_names(message_id) != before:
+            enqueue_ragflow_sync(message.author_id, message_id, config)
+
+
+@huey.task(retries=RETRIES, retry_delay=RETRY_DELAY, context=True)
+def sync_ragflow(user_id: str, message_id: str, task: Task | None = None) -> None:
+    """Make the author's dataset hold exactly one current document for the message.
+
+    The new version is uploaded before the old ones are deleted, so the message never
+    has no document; the clean-up also removes copies RAGFlow renamed ``(1)`` and those
+    a lost answer left.  A deleted message has all its documents removed.  With the
+    same text the job only lists, to confirm (or repair) what it kept.
+    """
+    with job('sync-ragflow', message_id, user_id, task) as run:
+        message = Message.get_or_none(Message.id == message_id)
+        author_id = message.author_id if message is not None else user_id
+        endpoint = ragflow_settings(AiConfig.for_user(author_id))
+        if endpoint is None:
+            run.finish('skipped', 'RAGFlow is not configured for this user')
+            return
+        run.secrets = (endpoint.api_key,)
+        if message is None:  # what is wanted then: no document in this dataset
+            text, input_hash = None, content_hash(endpoint.dataset_id)
+        else:
+            text = document_text(message.content, message_tag_names(message_id))
+            input_hash = content_hash(text, endpoint.dataset_id)
+        previous = run.state
+        if not run.claim(input_hash, max(120.0, 8 * settings.http_timeout)):
+            delay = RETRY_DELAY * random.uniform(2.0, 4.0)
+            sync_ragflow.schedule((user_id, message_id), delay=delay)
+            run.outcome = 'deferred %.1fs (another run holds the message)' % delay
+            return
+        if previous.status == 'done' and previous.content_hash == input_hash:
+            found = {doc['id'] for doc in message_documents(endpoint, message_id)}
+            wanted = {previous.document_id} if message is not None else set()
+            if found == wanted:
+                run.finish('done', previous.detail)
+                run.outcome = 'unchanged'
+                return
+            if wanted <= found:
+                delete_documents(endpoint, sorted(found - wanted))
+                run.finish('done', 'unchanged, %d stray document(s) removed' % len(found - wanted))
+                return
+        if message is None:
+            removed = remove_documents(endpoint, message_id)
+            run.finish('done', 'message deleted, %d document(s) removed' % removed,
+                       document_id=None, dataset_id=endpoint.dataset_id)
+        else:
+            doc = upload_document(endpoint, document_name(message_id), text)
+            removed = remove_documents(endpoint, message_id, keep=doc['id'])
+            parse_documents(endpoint, [doc['id']])
+            run.finish('done', 'uploaded %s, %d older document(s) removed'
+                       % (doc.get('name'), removed), document_id=doc['id'],
+                       dataset_id=endpoint.dataset_id)
+
+
+def enqueue_ragflow_sync(user_id: str, message_id: str, config: AiConfig) -> bool:
+    """Enqueue sync_ragflow if the user has RAGFlow configured; never raises."""
+    try:
+        if ragflow_settings(config) is None:
+            return False
+        sync_ragflow(user_id, message_id)
+        return True
+    except Exception as exc:
+        logger.warning('[sync-ragflow] %s: enqueue failed, left for the sweep: %s',
+                       message_id, redact(str(exc))[:300])
+        return False
 
 
 def enqueue_message_jobs(user_id: str, message_id: str) -> list[str]:
-    """Enqueue the jobs a created or edited message needs; never raises.
+    """Enqueue the jobs a created, edited or deleted message needs; never raises.
 
     For a web app written in Python, in its request path: if the queue or database
     is down, the message is already saved and the sweep finds it later.
@@ -616,6 +892,8 @@ def enqueue_message_jobs(user_id: str, message_id: str) -> list[str]:
         if config.enable_auto_tag:
             auto_tag(user_id, message_id)
             enqueued.append('auto-tag')
+        if enqueue_ragflow_sync(user_id, message_id, config):
+            enqueued.append('sync-ragflow')
     except Exception as exc:
         logger.warning('enqueue for message %s failed, left for the sweep: %s',
                        message_id, redact(str(exc))[:300])
@@ -631,7 +909,7 @@ def prepare_worker() -> None:
 
 # Command line.
 
-JOB_TASKS = {'auto-tag': auto_tag}
+JOB_TASKS = {'auto-tag': auto_tag, 'sync-ragflow': sync_ragflow}
 
 
 def cmd_init_db(args: argparse.Namespace) -> int:

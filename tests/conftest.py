@@ -30,6 +30,7 @@ if services.redis_reachable(services.REDIS_URL):
     os.environ['REDIS_URL'] = services.REDIS_URL
 
 from fake_model import FakeModel  # noqa: E402
+from fake_ragflow import FakeRagflow  # noqa: E402
 
 import models  # noqa: E402
 import whitenote_huey  # noqa: E402
@@ -79,4 +80,11 @@ def redis_queue():
 @pytest.fixture
 def model():
     with FakeModel(api_key='sk-test-model-key') as fake:
+        yield fake
+
+
+@pytest.fixture
+def ragflow():
+    """A fake RAGFlow server; give each user a dataset with services.ragflow_config."""
+    with FakeRagflow() as fake:
         yield fake

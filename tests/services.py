@@ -127,6 +127,13 @@ def model_config(fake, **extra) -> dict:
     return dict(openai_base_url=fake.url, openai_api_key=fake.api_key, **extra)
 
 
+def ragflow_config(fake, api_key: str | None = None, **extra) -> dict:
+    """AiConfig fields that give a user a new dataset of their own on a fake RAGFlow."""
+    api_key = api_key or 'ragflow-key-%d' % time.monotonic_ns()
+    return dict(ragflow_base_url=fake.url, ragflow_api_key=api_key,
+                ragflow_dataset_id=fake.add_dataset(api_key), **extra)
+
+
 def make_message(user, content: str, created_at: datetime.datetime | None = None, **fields):
     from models import Message
     from models import utcnow
