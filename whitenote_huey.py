@@ -171,7 +171,9 @@ except SettingsError as exc:
 def connect_database(url: str) -> SqliteDatabase | PostgresqlDatabase:
     """A SQLite file (WAL, waits on locks) or a pooled PostgreSQL connection."""
     if url.startswith('sqlite'):
-        return SqliteDatabase(sqlite_path(url), pragmas={
+        # Transactions take the write lock at BEGIN: a reader that later writes would
+        # otherwise fail at once with "database is locked" instead of waiting.
+        return SqliteDatabase(sqlite_path(url), lock_type='IMMEDIATE', pragmas={
             'journal_mode': 'wal', 'busy_timeout': 10000, 'foreign_keys': 1})
     params = parse_db_url(url, unquote_password=True, unquote_user=True)
     return PooledPostgresqlDatabase(params.pop('database'), max_connections=64,
@@ -321,12 +323,10 @@ class LeaseKeeper:
         self._state_ids: set[int] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._wake = threading.Event()
 
     def hold(self, state_id: int) -> None:
         with self._lock:
             self._state_ids.add(state_id)
-            self._wake.set()
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._renew_forever, name='lease-keeper',
                                                 daemon=True)
@@ -337,13 +337,14 @@ class LeaseKeeper:
             self._state_ids.discard(state_id)
 
     def _renew_forever(self) -> None:
+        renewed = time.monotonic()
         while True:
-            self._wake.wait(settings.job_lease / 3)
-            self._wake.clear()
+            time.sleep(min(1.0, settings.job_lease / 3))
             with self._lock:
                 state_ids = list(self._state_ids)
-            if not state_ids:
+            if not state_ids or time.monotonic() - renewed < settings.job_lease / 3:
                 continue
+            renewed = time.monotonic()
             try:
                 with database.connection_context():
                     (JobState
@@ -368,6 +369,7 @@ class JobRun:
         self.state = JobState.for_message(kind, message_id, user_id)
         self.outcome = 'unchanged'
         self.secrets: tuple = ()
+        self.holds_lease = False
 
     def start(self, input_hash: str) -> None:
         """Mark the job running for this input, with a lease the sweep can see expire."""
@@ -378,12 +380,13 @@ class JobRun:
         self.state.updated_at = utcnow()
         self.state.save()
         leases.hold(self.state.id)
+        self.holds_lease = True
 
-    def claim(self, input_hash: str, seconds: float) -> bool:
+    def claim(self, input_hash: str) -> bool:
         """Start like ``start``, but only if no other live run holds this row's lease.
 
-        One atomic UPDATE, so two workers on one message cannot both proceed; a
-        lease left by a worker that died expires after ``seconds``.
+        One atomic UPDATE, so two workers on one message cannot both proceed; the
+        lease of a worker that died expires after JOB_LEASE_SECONDS.
         """
         now = utcnow()
         free = ((JobState.status != 'running') | JobState.lease_until.is_null()
@@ -391,10 +394,13 @@ class JobRun:
         claimed = (JobState
                    .update(status='running', content_hash=input_hash,
                            attempts=JobState.attempts + 1, updated_at=now,
-                           lease_until=now + datetime.timedelta(seconds=seconds))
+                           lease_until=now + datetime.timedelta(seconds=settings.job_lease))
                    .where((JobState.id == self.state.id) & free)
                    .execute())
         self.state = JobState.get_by_id(self.state.id)
+        if claimed:
+            leases.hold(self.state.id)
+            self.holds_lease = True
         return bool(claimed)
 
     def finish(self, status: str, detail: str | None = None, **fields) -> None:
@@ -439,7 +445,8 @@ def job(kind: str, message_id: str, user_id: str, task: Task | None) -> Iterator
                                delay, run.state.attempts, error)
             raise JobFailed('%s %s: %s' % (kind, message_id, error)) from None
         finally:
-            leases.release(run.state.id)
+            if run.holds_lease:
+                leases.release(run.state.id)
     logger.info('[%s] %s %s in %.2fs', kind, message_id, run.outcome, time.monotonic() - started)
 
 
@@ -838,7 +845,7 @@ def sync_ragflow(user_id: str, message_id: str, task: Task | None = None) -> Non
             text = document_text(message.content, message_tag_names(message_id))
             input_hash = content_hash(text, endpoint.dataset_id)
         previous = run.state
-        if not run.claim(input_hash, max(120.0, 8 * settings.http_timeout)):
+        if not run.claim(input_hash):
             delay = RETRY_DELAY * random.uniform(2.0, 4.0)
             sync_ragflow.schedule((user_id, message_id), delay=delay)
             run.outcome = 'deferred %.1fs (another run holds the message)' % delay
