@@ -933,7 +933,7 @@ def iso_date(value: str) -> datetime.date:
     try:
         return datetime.datetime.strptime(value, '%Y-%m-%d').date()
     except ValueError:
-        raise argparse.ArgumentTypeError('%r is not a date in the form YYYY-MM-DD' % value) from None
+        raise argparse.ArgumentTypeError('%r is not a valid date of the form YYYY-MM-DD' % value) from None
 
 
 def cmd_briefing(args: argparse.Namespace) -> int:
