@@ -15,6 +15,7 @@ import time
 from peewee import BooleanField
 from peewee import CompositeKey
 from peewee import DatabaseProxy
+from peewee import DateField
 from peewee import DateTimeField
 from peewee import ForeignKeyField
 from peewee import IntegerField
@@ -137,13 +138,23 @@ class Tag(BaseModel):
 
     @classmethod
     def upsert(cls, name: str, color: str | None = None) -> 'Tag':
-        """The tag of that name (ignoring case), created if missing; safe under races."""
+        """The tag of that name (ignoring case), created if missing; safe under races.
+
+        ``color`` is given to a new tag, and to an existing one only if it has none:
+        a colour the user chose stays.
+        """
         existing = (cls
                     .select()
                     .where(fn.LOWER(cls.name) == name.lower())
                     .order_by(cls.created_at)
                     .first())
         if existing is not None:
+            if color and not existing.color:
+                (cls
+                 .update(color=color)
+                 .where((cls.id == existing.id) & (cls.color.is_null() | (cls.color == '')))
+                 .execute())
+                existing = cls.get_by_id(existing.id)
             return existing
         cls.insert(id=new_id(), name=name, color=color).on_conflict_ignore().execute()
         return cls.get(cls.name == name)
@@ -273,7 +284,41 @@ class JobState(BaseModel):
         return cls.get((cls.kind == kind) & (cls.message_id == message_id))
 
 
-WORKER_MODELS = (JobState,)
+class Briefing(BaseModel):
+    """One user's daily briefing for one local day (the day it summarises).
+
+    The unique (user_id, day) row decides who makes the briefing: a run claims it
+    (status "running", its token in ``owner``, a lease), asks the model outside any
+    transaction, then writes the message and marks the row "done" in one transaction,
+    only while it still owns the row.  A claim whose lease ran out can be taken over,
+    and the run that lost it can no longer write.
+    """
+    user_id = TextField()
+    day = DateField()
+    status = TextField(default='pending', index=True)
+    owner = TextField(null=True)
+    attempts = IntegerField(default=0)
+    message_id = TextField(null=True)
+    covered = IntegerField(null=True)
+    total = IntegerField(null=True)
+    detail = TextField(null=True)
+    last_error = TextField(null=True)
+    lease_until = DateTimeField(null=True)
+    created_at = DateTimeField(default=utcnow)
+    updated_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = 'whitenote_huey_briefing'
+        indexes = ((('user_id', 'day'), True),)
+
+    @classmethod
+    def for_day(cls, user_id: str, day: datetime.date) -> 'Briefing':
+        """The row for this user and day, created if missing (races end in one row)."""
+        cls.insert(user_id=user_id, day=day).on_conflict_ignore().execute()
+        return cls.get((cls.user_id == user_id) & (cls.day == day))
+
+
+WORKER_MODELS = (JobState, Briefing)
 
 
 def create_tables() -> list[str]:
