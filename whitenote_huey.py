@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import unicodedata
+from collections.abc import Callable
 from collections.abc import Iterator
 from urllib.parse import quote
 from urllib.parse import urlparse
@@ -40,9 +41,11 @@ from huey.api import Huey
 from huey.api import Task
 from huey.serializer import SignedSerializer
 from peewee import JOIN
+from peewee import SQL
 from peewee import Expression
 from peewee import ModelSelect
 from peewee import PostgresqlDatabase
+from peewee import Select
 from peewee import SqliteDatabase
 from peewee import fn
 from playhouse.db_url import parse as parse_db_url
@@ -55,6 +58,7 @@ from models import Briefing
 from models import JobState
 from models import Message
 from models import MessageTag
+from models import MessageVersion
 from models import Tag
 from models import User
 from models import database
@@ -1075,6 +1079,113 @@ def due_briefings(now: datetime.datetime | None = None) -> tuple[datetime.date, 
     return day, due
 
 
+# Version history.
+
+PRUNE_BATCH = 200  # messages per batch at most
+PRUNE_BATCH_VERSIONS = 20_000  # versions ranked per batch at most (a bigger message goes alone)
+PRUNE_LOCK = 0x7768_6e5f_7072  # pg_advisory_xact_lock key: batches of concurrent runs take turns
+
+
+def _prune_batch(message_ids: list[str], keep: int, dry_run: bool) -> tuple[int, int]:
+    """Delete (or count) these messages' surplus versions in one short transaction.
+
+    One statement ranks every version of the batch both ways, ties on "createdAt"
+    broken by id so that every run ranks alike, and deletes the rows that are neither
+    the first (oldest_rank 1) nor among the newest keep - 1.  Returns (versions,
+    messages) deleted, or that would be.
+    """
+    # Why the web app may add versions meanwhile: a row is deleted only when the ranking
+    # saw keep - 1 rows newer than it and one older.  Rows are only ever added to a
+    # message, so the newest keep - 1 and the first of all rows ever written cannot be
+    # such a row in any run's ranking, whatever that ranking saw.  A version added
+    # between batches is ranked by a later batch or run; one added during the statement
+    # is invisible to it (PostgreSQL at READ COMMITTED runs the ranking and the DELETE on
+    # one snapshot; on SQLite the batch holds the write lock), so it only makes an older
+    # row survive until the next run.  Rows another run deleted first are skipped, and
+    # each batch re-ranks what is there, so repeated or concurrent runs end alike.
+    newest = fn.ROW_NUMBER().over(partition_by=[MessageVersion.message],
+                                  order_by=[MessageVersion.created_at.desc(), MessageVersion.id.desc()])
+    oldest = fn.ROW_NUMBER().over(partition_by=[MessageVersion.message],
+                                  order_by=[MessageVersion.created_at, MessageVersion.id])
+    ranked = (MessageVersion
+              .select(MessageVersion.id, MessageVersion.message,
+                      newest.alias('newest_rank'), oldest.alias('oldest_rank'))
+              .where(MessageVersion.message.in_(message_ids))
+              .alias('ranked'))
+    surplus = (ranked.c.newest_rank > keep - 1) & (ranked.c.oldest_rank > 1)
+    counted = (Select([ranked], [fn.COUNT(SQL('*')), fn.COUNT(ranked.c.messageId.distinct())])
+               .where(surplus))
+    doomed = (Select([ranked], [ranked.c.id])
+              .where(surplus))
+    if dry_run:
+        return tuple(database.execute(counted).fetchone())
+    if isinstance(database.obj, PostgresqlDatabase):
+        gone = (MessageVersion
+                .delete()
+                .where(MessageVersion.id.in_(doomed))
+                .returning(MessageVersion.message)
+                .cte('gone'))
+        report = (Select([gone], [fn.COUNT(SQL('*')), fn.COUNT(gone.c.messageId.distinct())])
+                  .with_cte(gone))
+        with database.atomic():
+            # Two runs deleting overlapping batches could lock rows in different orders.
+            database.execute_sql('SELECT pg_advisory_xact_lock(%s)', (PRUNE_LOCK,))
+            return tuple(database.execute(report).fetchone())
+    with database.atomic(lock_type='IMMEDIATE'):
+        messages = database.execute(counted).fetchone()[1]
+        deleted = (MessageVersion
+                   .delete()
+                   .where(MessageVersion.id.in_(doomed))
+                   .execute())
+        return deleted, messages
+
+
+def prune_versions(keep: int = 50, message_id: str | None = None, dry_run: bool = False,
+                   progress: Callable[[int, int], None] | None = None,
+                   batch_size: int = PRUNE_BATCH,
+                   batch_versions: int = PRUNE_BATCH_VERSIONS) -> tuple[int, int]:
+    """Keep per message the first version and the newest ``keep - 1``; delete the rest.
+
+    Walks the messages with more than ``keep`` versions in id order (keyset pagination,
+    so memory holds one batch of ids whatever the table's size), in batches of at most
+    ``batch_size`` messages and ``batch_versions`` versions, each its own transaction:
+    a run stopped midway loses nothing and the next run picks up what is left.
+    ``progress(messages_scanned, versions_deleted)`` is called after each batch.
+    Returns (versions deleted, messages touched), or what would be when ``dry_run``.
+    """
+    if keep < 2:
+        raise ValueError('keep must be at least 2 (the first version and the newest), not %r' % keep)
+    candidates = (MessageVersion
+                  .select(MessageVersion.message, fn.COUNT(SQL('*')))
+                  .group_by(MessageVersion.message)
+                  .having(fn.COUNT(SQL('*')) > keep)
+                  .order_by(MessageVersion.message)
+                  .limit(batch_size))
+    if message_id is not None:
+        candidates = candidates.where(MessageVersion.message == message_id)
+    deleted = messages = scanned = 0
+    last = None
+    while True:
+        query = candidates if last is None else candidates.where(MessageVersion.message > last)
+        batch, ranked = [], 0
+        for candidate, count in query.tuples():
+            if batch and ranked + count > batch_versions:
+                break
+            batch.append(candidate)
+            ranked += count
+        if not batch:
+            return deleted, messages
+        versions, touched = _prune_batch(batch, keep, dry_run)
+        deleted += versions
+        messages += touched
+        scanned += len(batch)
+        last = batch[-1]
+        logger.debug('[cleanup-versions] batch up to %s: %d versions across %d messages',
+                     last, versions, touched)
+        if progress is not None:
+            progress(scanned, deleted)
+
+
 # Tasks.
 
 @huey.task(retries=RETRIES, retry_delay=RETRY_DELAY, context=True)
@@ -1171,6 +1282,25 @@ def enqueue_ragflow_sync(user_id: str, message_id: str, config: AiConfig) -> boo
         logger.warning('[sync-ragflow] %s: enqueue failed, left for the sweep: %s',
                        message_id, redact(str(exc))[:300])
         return False
+
+
+@huey.task(retries=RETRIES, retry_delay=RETRY_DELAY, context=True)
+def cleanup_versions(keep: int = 50, message_id: str | None = None, task: Task | None = None) -> None:
+    """Prune version history (all messages, or one); safe to run again or twice at once."""
+    scope = message_id or 'all messages'
+    started = time.monotonic()
+    logger.info('[cleanup-versions] %s started (keep %d)', scope, keep)
+    try:
+        with database.connection_context():
+            deleted, messages = prune_versions(keep, message_id)
+    except Exception as exc:
+        if isinstance(exc, ValueError) and task is not None:
+            task.retries = 0  # a bad keep stays bad
+        logger.error('[cleanup-versions] %s failed after %.2fs: %s: %s', scope,
+                     time.monotonic() - started, type(exc).__name__, redact(str(exc))[:300])
+        raise
+    logger.info('[cleanup-versions] %s done in %.2fs: deleted %d versions across %d messages',
+                scope, time.monotonic() - started, deleted, messages)
 
 
 def enqueue_message_jobs(user_id: str, message_id: str) -> list[str]:
@@ -1319,6 +1449,40 @@ def cmd_briefing(args: argparse.Namespace) -> int:
     if not user_ids:
         print('no user has the briefing on')
     return 1 if failed else 0
+class ProgressLine:
+    """A progress report rewritten in place on one terminal line; silent off a terminal."""
+
+    def __init__(self, stream, verb: str):
+        self.stream = stream
+        self.verb = verb
+        self.enabled = stream.isatty()
+        self.shown = False
+
+    def __call__(self, messages: int, versions: int) -> None:
+        if self.enabled:
+            self.stream.write('\r\x1b[K%d messages scanned, %d versions %s'
+                              % (messages, versions, self.verb))
+            self.stream.flush()
+            self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            self.stream.write('\n')
+            self.stream.flush()
+
+
+def cmd_cleanup_versions(args: argparse.Namespace) -> int:
+    progress = ProgressLine(sys.stderr, 'to delete' if args.dry_run else 'deleted')
+    try:
+        deleted, messages = prune_versions(args.keep, args.message, args.dry_run, progress)
+    except ValueError as exc:
+        print('whitenote-huey cleanup-versions: %s' % exc, file=sys.stderr)
+        return 2
+    finally:
+        progress.close()
+    print('%s %d versions across %d messages'
+          % ('would delete' if args.dry_run else 'deleted', deleted, messages))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1340,6 +1504,13 @@ def build_parser() -> argparse.ArgumentParser:
                           help='the briefing of the day before this date (default: today, in '
                           'WHITENOTE_TIMEZONE)')
     briefing.set_defaults(handler=cmd_briefing)
+    cleanup = commands.add_parser('cleanup-versions', help='prune version history: keep the '
+                                  'first and the newest KEEP-1 versions of each message')
+    cleanup.add_argument('--keep', type=int, default=50, metavar='N',
+                         help='versions to keep per message, at least 2 (default 50)')
+    cleanup.add_argument('--message', metavar='ID', help='only this message')
+    cleanup.add_argument('--dry-run', action='store_true', help='count, delete nothing')
+    cleanup.set_defaults(handler=cmd_cleanup_versions)
     return parser
 
 

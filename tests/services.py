@@ -142,6 +142,18 @@ def make_message(user, content: str, created_at: datetime.datetime | None = None
                           updated_at=created_at, **fields)
 
 
+def make_versions(message, times: list, ids: list | None = None) -> list[tuple]:
+    """Version rows of a message, inserted in the order given; their (createdAt, id)."""
+    from models import MessageVersion
+    from models import new_id
+    ids = ids or [new_id() for _ in times]
+    rows = [dict(id=version_id, message=message, content='version %d' % n, created_at=when)
+            for n, (when, version_id) in enumerate(zip(times, ids, strict=True))]
+    for start in range(0, len(rows), 500):
+        MessageVersion.insert_many(rows[start:start + 500]).execute()
+    return list(zip(times, ids, strict=True))
+
+
 def tag_names(message_id: str) -> list[str]:
     from models import MessageTag
     from models import Tag
@@ -194,6 +206,13 @@ def subprocess_env(env: dict) -> dict:
     full['PYTHONPATH'] = ROOT
     full.update(env)
     return full
+
+
+def cli(env: dict, cwd: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m whitenote_huey ARGS`` in a subprocess, output captured."""
+    return subprocess.run([sys.executable, '-m', 'whitenote_huey', *args], cwd=cwd,
+                          env=subprocess_env(env),
+                          capture_output=True, text=True, timeout=60)
 
 
 class Consumer:

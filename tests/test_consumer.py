@@ -10,8 +10,8 @@ from fake_model import FakeModel
 from fake_model import tags
 from services import ROOT
 from services import Consumer
+from services import cli
 from services import job_state
-from services import subprocess_env
 from services import tag_names
 from services import wait_for
 
@@ -37,12 +37,6 @@ def worker_env(db, redis: bool) -> dict:
     if redis:
         env['REDIS_URL'] = os.environ['REDIS_URL']
     return env
-
-
-def cli(env: dict, cwd: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, '-m', 'whitenote_huey', *args], cwd=cwd,
-                          env=subprocess_env(env),
-                          capture_output=True, text=True, timeout=60)
 
 
 def test_auto_tag_called_in_process_runs_on_the_consumer(db, redis_queue, tmp_path):
