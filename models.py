@@ -56,6 +56,14 @@ def new_id() -> str:
             + _fingerprint + ''.join(secrets.choice(_BASE36) for _ in range(8)))
 
 
+def id_floor(when: datetime.datetime) -> str:
+    """A string below every cuid made at or after ``when`` (naive UTC) and above those
+    made before: ids of this kind start with their creation time, so a range of the
+    primary key is a range of time."""
+    millis = int(when.replace(tzinfo=datetime.UTC).timestamp() * 1000)
+    return 'c' + _base36(millis, 8)
+
+
 class BaseModel(Model):
     class Meta:
         database = database
@@ -252,7 +260,11 @@ class JobState(BaseModel):
 
     The queue may lose a job; this row is the record the sweep reconciles from.
     ``content_hash`` names the input the outcome belongs to, so a changed message
-    is seen as work to do again.
+    is seen as work to do again.  ``status`` is an outcome (done, skipped, failed) or
+    a run due or under way: pending, queued (enqueued by the sweep), retrying,
+    running.  For those, ``lease_until`` is when the run is taken to be lost: a
+    running job's lease, renewed while its worker lives, the time its retry is due,
+    or how long a queued job may wait.
     """
     kind = TextField()
     message_id = TextField()
@@ -318,7 +330,17 @@ class Briefing(BaseModel):
         return cls.get((cls.user_id == user_id) & (cls.day == day))
 
 
-WORKER_MODELS = (JobState, Briefing)
+class SweepCursor(BaseModel):
+    """Where one of the sweep's rolling scans goes on from (a key of the scanned table)."""
+    name = TextField(primary_key=True)
+    position = TextField(default='')
+    updated_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = 'whitenote_huey_sweep'
+
+
+WORKER_MODELS = (JobState, Briefing, SweepCursor)
 
 
 def create_tables() -> list[str]:

@@ -16,6 +16,7 @@ import functools
 import hashlib
 import json
 import logging
+import operator
 import os
 import random
 import re
@@ -39,6 +40,7 @@ from huey import SqliteHuey
 from huey import crontab
 from huey.api import Huey
 from huey.api import Task
+from huey.api import TaskWrapper
 from huey.serializer import SignedSerializer
 from peewee import JOIN
 from peewee import SQL
@@ -51,6 +53,7 @@ from peewee import fn
 from playhouse.db_url import parse as parse_db_url
 from playhouse.pool import PooledPostgresqlDatabase
 from redis import ConnectionPool
+from redis import RedisError
 
 import models
 from models import AiConfig
@@ -59,6 +62,7 @@ from models import JobState
 from models import Message
 from models import MessageTag
 from models import MessageVersion
+from models import SweepCursor
 from models import Tag
 from models import User
 from models import database
@@ -90,6 +94,12 @@ class Settings:
     secret: str
     http_timeout: float
     job_lease: float
+    sweep_minutes: int
+    sweep_lookback: float
+    sweep_grace: float
+    sweep_requeue: float
+    sweep_max_enqueue: int
+    sweep_scan_batch: int
     log_level: str
 
     @property
@@ -177,6 +187,12 @@ def load_settings(env: dict | None = None) -> Settings:
         secret=env.get('WHITENOTE_SECRET', '').strip(),
         http_timeout=_float(env, 'HTTP_TIMEOUT', 20.0),
         job_lease=_float(env, 'JOB_LEASE_SECONDS', 60.0),
+        sweep_minutes=_int(env, 'SWEEP_MINUTES', 1),
+        sweep_lookback=_float(env, 'SWEEP_LOOKBACK_HOURS', 24.0) * 3600,
+        sweep_grace=_float(env, 'SWEEP_GRACE_SECONDS', 10.0),
+        sweep_requeue=_float(env, 'SWEEP_REQUEUE_SECONDS', 300.0),
+        sweep_max_enqueue=_int(env, 'SWEEP_MAX_ENQUEUE', 500),
+        sweep_scan_batch=_int(env, 'SWEEP_SCAN_BATCH', 5000),
         log_level=log_level,
     )
 
@@ -334,48 +350,58 @@ def content_hash(*parts: str) -> str:
 
 
 class LeaseKeeper:
-    """Renews the leases of the jobs running in this process.
+    """Renews the leases of the runs (jobs and briefings) going on in this process.
 
-    A running job's state holds a short lease; while the process lives, one thread
+    A running job's row holds a short lease; while the process lives, one thread
     extends it, so only the jobs of a worker that died see their lease expire and are
-    taken up again by the sweep, however long a job runs.
+    taken up again by the sweep, however long a job runs.  Each run names its own row
+    (``run.mine()``), so one statement per table renews them all.
     """
 
     def __init__(self):
-        self._state_ids: set[int] = set()
+        self._runs: set[JobRun] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def hold(self, state_id: int) -> None:
+    def hold(self, run: 'JobRun') -> None:
         with self._lock:
-            self._state_ids.add(state_id)
+            self._runs.add(run)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._renew_forever, name='lease-keeper',
                                                 daemon=True)
                 self._thread.start()
 
-    def release(self, state_id: int) -> None:
+    def release(self, run: 'JobRun') -> None:
         with self._lock:
-            self._state_ids.discard(state_id)
+            self._runs.discard(run)
 
     def _renew_forever(self) -> None:
         renewed = time.monotonic()
         while True:
             time.sleep(min(1.0, settings.job_lease / 3))
             with self._lock:
-                state_ids = list(self._state_ids)
-            if not state_ids or time.monotonic() - renewed < settings.job_lease / 3:
+                runs = list(self._runs)
+            if not runs or time.monotonic() - renewed < settings.job_lease / 3:
                 continue
             renewed = time.monotonic()
             try:
-                with database.connection_context():
-                    (JobState
-                     .update(lease_until=utcnow() + datetime.timedelta(seconds=settings.job_lease))
-                     .where(JobState.id.in_(state_ids) & (JobState.status == 'running'))
-                     .execute())
+                self.renew(runs)
             except Exception as exc:
                 logger.warning('could not renew the leases of %d running job(s): %s',
-                               len(state_ids), redact(str(exc))[:300])
+                               len(runs), redact(str(exc))[:300])
+
+    @staticmethod
+    def renew(runs: list['JobRun']) -> None:
+        until = utcnow() + datetime.timedelta(seconds=settings.job_lease)
+        tables: dict[type, list[Expression]] = {}
+        for run in runs:
+            tables.setdefault(run.model, []).append(run.mine())
+        with database.connection_context():
+            for model, rows in tables.items():
+                (model
+                 .update(lease_until=until)
+                 .where(functools.reduce(operator.or_, rows) & (model.status == 'running'))
+                 .execute())
 
 
 leases = LeaseKeeper()
@@ -401,22 +427,12 @@ class JobRun:
         """The rows this run's updates may touch: its own state row."""
         return self.model.id == self.state.id
 
-    def start(self, input_hash: str) -> None:
-        """Mark the job running for this input, with a lease the sweep can see expire."""
-        self.state.status = 'running'
-        self.state.content_hash = input_hash
-        self.state.attempts += 1
-        self.state.lease_until = utcnow() + datetime.timedelta(seconds=settings.job_lease)
-        self.state.updated_at = utcnow()
-        self.state.save()
-        leases.hold(self.state.id)
-        self.holds_lease = True
-
     def claim(self, input_hash: str) -> bool:
-        """Start like ``start``, but only if no other live run holds this row's lease.
+        """Mark the job running for this input, unless another live run holds the row.
 
-        One atomic UPDATE, so two workers on one message cannot both proceed; the
-        lease of a worker that died expires after JOB_LEASE_SECONDS.
+        One atomic UPDATE, so two workers on one message cannot both proceed.  The
+        lease is renewed while this process lives; that of a worker that died expires
+        after JOB_LEASE_SECONDS, and the row is free again.
         """
         now = utcnow()
         free = ((JobState.status != 'running') | JobState.lease_until.is_null()
@@ -429,7 +445,7 @@ class JobRun:
                    .execute())
         self.state = JobState.get_by_id(self.state.id)
         if claimed:
-            leases.hold(self.state.id)
+            leases.hold(self)
             self.holds_lease = True
         return bool(claimed)
 
@@ -439,10 +455,15 @@ class JobRun:
         return self.model.update(status=status, detail=detail, last_error=None, lease_until=None,
                                  updated_at=utcnow(), **fields).where(self.mine()).execute()
 
-    def fail(self, status: str, error: str) -> None:
+    def fail(self, status: str, error: str, retry_in: float | None = None) -> None:
+        """Record a failure; a retry due in ``retry_in`` seconds holds the row until then
+        and SWEEP_REQUEUE_SECONDS more, after which the sweep takes it as lost."""
         self.outcome = status
-        self.model.update(status=status, last_error=error, lease_until=None,
-                          updated_at=utcnow()).where(self.mine()).execute()
+        now = utcnow()
+        held = None if retry_in is None else now + datetime.timedelta(
+            seconds=retry_in + settings.sweep_requeue)
+        self.model.update(status=status, last_error=error, lease_until=held,
+                          updated_at=now).where(self.mine()).execute()
 
 
 @contextlib.contextmanager
@@ -472,14 +493,21 @@ def job(kind: str, message_id: str, user_id: str, task: Task | None,
             else:
                 delay = backoff_delay(RETRIES - retries_left, getattr(exc, 'retry_after', None))
                 task.retry_delay = delay
-                run.fail('retrying', error)
+                run.fail('retrying', error, retry_in=delay)
                 logger.warning('[%s] %s will retry in %.1fs (attempt %d): %s', kind, message_id,
                                delay, run.state.attempts, error)
             raise JobFailed('%s %s: %s' % (kind, message_id, error)) from None
         finally:
             if run.holds_lease:
-                leases.release(run.state.id)
+                leases.release(run)
     logger.info('[%s] %s %s in %.2fs', kind, message_id, run.outcome, time.monotonic() - started)
+
+
+def defer(run: JobRun, task: TaskWrapper, *args) -> None:
+    """Run the job again in a few seconds: another live run holds its row."""
+    delay = RETRY_DELAY * random.uniform(2.0, 4.0)
+    task.schedule(args, delay=delay)
+    run.outcome = 'deferred %.1fs (another run holds the message)' % delay
 
 
 def outbound_url(url: str, setting: str) -> str:
@@ -611,11 +639,22 @@ def user_tag_names(user_id: str, limit: int = 50) -> list[str]:
 
 def message_tag_names(message_id: str) -> list[str]:
     """The names of the tags on one message, in a stable order (ignoring case first)."""
+    return tag_names_of([message_id]).get(message_id, [])
+
+
+def tag_names_of(message_ids: list[str]) -> dict[str, list[str]]:
+    """The tag names of each of these messages that has tags, in one query."""
     query = (Tag
-             .select(Tag.name)
+             .select(MessageTag.message, Tag.name)
              .join(MessageTag)
-             .where(MessageTag.message == message_id))
-    return sorted((tag.name for tag in query), key=lambda name: (name.casefold(), name))
+             .where(MessageTag.message.in_(message_ids))
+             .tuples())
+    names: dict[str, list[str]] = {}
+    for message_id, name in query:
+        names.setdefault(message_id, []).append(name)
+    for found in names.values():
+        found.sort(key=lambda name: (name.casefold(), name))
+    return names
 
 
 TAG_PROMPT = (
@@ -759,6 +798,11 @@ def document_text(content: str, tag_names: list[str]) -> str:
     return '%s\n\n%s' % (' '.join('#' + name for name in tag_names), content)
 
 
+def document_hash(text: str | None, dataset_id: str) -> str:
+    """What a sync's outcome is for: this text (None: no document) in this dataset."""
+    return content_hash(dataset_id) if text is None else content_hash(text, dataset_id)
+
+
 def upload_document(endpoint: RagflowSettings, name: str, text: str) -> dict:
     """Upload one Markdown file; RAGFlow's answer for it (``id``, and ``name``, maybe renamed)."""
     answer = ragflow_call(endpoint, 'POST', 'documents', 'upload',
@@ -832,9 +876,11 @@ _BRIEFING_TIME = re.compile(r'\s*(\d{1,2}):(\d{2})\s*')
 _BRIEFING_TITLE_DAY = re.compile(re.escape(BRIEFING_TITLE) + r'(\d{4})/(\d{1,2})/(\d{1,2})')
 _MARKDOWN_HEADING = re.compile(r'^#{1,6}\s+')
 
-# Outcomes after which the dispatcher leaves a day alone (a "retrying" day waits for
-# Huey's retry); a task also takes "empty" and "failed" days when run by hand.
-BRIEFING_SETTLED = ('done', 'empty', 'failed', 'retrying')
+# Outcomes after which the dispatcher leaves a day alone, and states it leaves alone
+# while their lease lasts (a run, or Huey's retry, is due); a task also takes "empty"
+# and "failed" days when run by hand.
+BRIEFING_SETTLED = ('done', 'empty', 'failed')
+BRIEFING_HELD = ('running', 'retrying')
 BRIEFING_OPEN = ('pending', 'retrying', 'skipped')
 
 PERSONALITIES = {
@@ -1023,7 +1069,7 @@ class BriefingRun(JobRun):
     def claim(self, manual: bool = False) -> bool:
         """Take the day unless it is done, settled (for a queued run) or held under a live lease."""
         now = utcnow()
-        lease = datetime.timedelta(seconds=max(120.0, 3 * settings.http_timeout))
+        lease = datetime.timedelta(seconds=settings.job_lease)
         statuses = BRIEFING_OPEN + (('empty', 'failed') if manual else ())
         claimed = (Briefing
                    .update(status='running', owner=self.token, attempts=Briefing.attempts + 1,
@@ -1033,6 +1079,9 @@ class BriefingRun(JobRun):
                              | ((Briefing.status == 'running') & (Briefing.lease_until < now))))
                    .execute())
         self.state = Briefing.get_by_id(self.state.id)
+        if claimed:
+            leases.hold(self)
+            self.holds_lease = True
         return claimed == 1
 
     def publish(self, content: str, detail: str, **fields) -> bool:
@@ -1055,7 +1104,8 @@ def due_briefings(now: datetime.datetime | None = None) -> tuple[datetime.date, 
     """The local day before ``now``, and the users whose briefing of it is due and not settled.
 
     Due means: local now is at or past the user's briefingTime today.  Two queries,
-    however many users.  A day whose run died (its lease ran out) is due again.
+    however many users.  A day whose run died or whose retry was lost (its lease ran
+    out) is due again.
     """
     local = local_now(now)
     day = local.date() - datetime.timedelta(days=1)
@@ -1064,7 +1114,7 @@ def due_briefings(now: datetime.datetime | None = None) -> tuple[datetime.date, 
                                         .select(Briefing.user_id)
                                         .where((Briefing.day == day)
                                                & (Briefing.status.in_(BRIEFING_SETTLED)
-                                                  | ((Briefing.status == 'running')
+                                                  | (Briefing.status.in_(BRIEFING_HELD)
                                                      & (Briefing.lease_until >= clock))))
                                         .tuples())}
     default, due = briefing_time(BRIEFING_DEFAULT_TIME), []
@@ -1186,6 +1236,270 @@ def prune_versions(keep: int = 50, message_id: str | None = None, dry_run: bool 
             progress(scanned, deleted)
 
 
+# The sweep.
+
+SWEEP_KINDS = ('auto-tag', 'sync-ragflow')
+OPEN_STATUSES = ('pending', 'queued', 'retrying', 'running')  # a run is due or under way
+SCAN_PRIORITY = -10  # what the rolling scans find waits behind the jobs of new messages
+SWEPT_FIELDS = (Message.id, Message.author, Message.content, Message.created_at)
+
+
+@dataclasses.dataclass(frozen=True)
+class DueJob:
+    kind: str
+    message_id: str
+    user_id: str
+    state: JobState | None
+
+
+def needs_run(state: JobState | None, input_hash: str) -> bool:
+    """Whether a job must be enqueued for this input: nothing recorded, or an outcome
+    for other input.  An outcome for this very input stands, a failure too: it stays
+    failed until the content changes or an operator retries it.  A run due or under
+    way is left to itself, or to Sweep.lost_runs once it is lost."""
+    if state is None:
+        return True
+    return state.status not in OPEN_STATUSES and state.content_hash != input_hash
+
+
+def cursor_position(name: str) -> str:
+    row = SweepCursor.get_or_none(SweepCursor.name == name)
+    return row.position if row is not None else ''
+
+
+def move_cursor(name: str, position: str) -> None:
+    values = {SweepCursor.position: position, SweepCursor.updated_at: utcnow()}
+    (SweepCursor
+     .insert({SweepCursor.name: name, **values})
+     .on_conflict(conflict_target=[SweepCursor.name], update=values)
+     .execute())
+
+
+class Sweep:
+    """One pass of the reconciling sweep: what the database says is still to do, enqueued.
+
+    Each step is a bounded query on an index: the job rows of lost runs (by status),
+    messages created lately ("Message_createdAt_idx") or edited lately (the version
+    rows the web app writes on an edit, by a range of their cuid primary key), then the
+    next slice of all messages and of the RAGFlow documents, by key, from where the
+    last pass stopped.  At most ``budget`` jobs are enqueued; a slice cut short by it
+    goes on from there next time.
+    """
+
+    def __init__(self, now: datetime.datetime, budget: int):
+        self.now = now
+        self.budget = budget
+        self.counts = dict.fromkeys(('enqueued', 'lost', 'recent', 'deleted', 'changed',
+                                     'messages_scanned', 'documents_scanned', 'briefings'), 0)
+        self._configs: dict[str, AiConfig] = {}
+
+    def enqueue(self, job: DueJob, priority: int = 0) -> bool:
+        """Mark the job's row queued, unless a run or another sweep changed it since it was
+        read, then enqueue the job.  False when the row had moved on (nothing enqueued)."""
+        held = self.now + datetime.timedelta(seconds=settings.sweep_requeue)
+        if job.state is None:
+            marked = (JobState
+                      .insert(kind=job.kind, message_id=job.message_id, user_id=job.user_id,
+                              status='queued', lease_until=held, updated_at=self.now)
+                      .on_conflict_ignore()
+                      .as_rowcount()
+                      .execute())
+        else:
+            marked = (JobState
+                      .update(status='queued', lease_until=held, updated_at=self.now)
+                      .where((JobState.id == job.state.id)
+                             & (JobState.status == job.state.status)
+                             & (JobState.updated_at == job.state.updated_at))
+                      .execute())
+        if not marked:
+            return False
+        JOB_TASKS[job.kind](job.user_id, job.message_id, priority=priority)
+        self.budget -= 1
+        self.counts['enqueued'] += 1
+        return True
+
+    def configs(self, user_ids: set[str]) -> dict[str, AiConfig]:
+        """The users' AI settings (the defaults for a user with no row), read once a pass."""
+        missing = user_ids - self._configs.keys()
+        if missing:
+            for config in AiConfig.select().where(AiConfig.user.in_(sorted(missing))):
+                self._configs[config.user_id] = config
+            for user_id in missing - self._configs.keys():
+                self._configs[user_id] = AiConfig(user=user_id)
+        return self._configs
+
+    def due_jobs(self, messages: list[Message]) -> dict[str, list[DueJob]]:
+        """Per message, the jobs it needs: of the kinds its author has on (as
+        enqueue_message_jobs decides), those with no outcome for its current input.
+        A message younger than SWEEP_GRACE_SECONDS is left to its direct enqueue."""
+        grace = self.now - datetime.timedelta(seconds=settings.sweep_grace)
+        messages = [message for message in messages if message.created_at < grace]
+        ids = [message.id for message in messages]
+        states = {(state.kind, state.message_id): state for state in JobState
+                  .select()
+                  .where(JobState.kind.in_(SWEEP_KINDS) & JobState.message_id.in_(ids))}
+        configs = self.configs({message.author_id for message in messages})
+        tags = None
+        due: dict[str, list[DueJob]] = {}
+        for message in messages:
+            config = configs[message.author_id]
+            wanted = []
+            if config.enable_auto_tag:
+                wanted.append(('auto-tag', content_hash(message.content)))
+            endpoint = ragflow_settings(config)
+            if endpoint is not None:
+                tags = tag_names_of(ids) if tags is None else tags
+                text = document_text(message.content, tags.get(message.id, []))
+                wanted.append(('sync-ragflow', document_hash(text, endpoint.dataset_id)))
+            for kind, input_hash in wanted:
+                state = states.get((kind, message.id))
+                if needs_run(state, input_hash):
+                    due.setdefault(message.id, []).append(
+                        DueJob(kind, message.id, message.author_id, state))
+        return due
+
+    def enqueue_for(self, messages: list[Message], count: str, priority: int = 0) -> Message | None:
+        """Enqueue what these messages need, in order, while the budget lasts; the last
+        message dealt with in full (None: not even the first)."""
+        due = self.due_jobs(messages) if messages else {}
+        done = None
+        for message in messages:
+            jobs = due.get(message.id, [])
+            if len(jobs) > self.budget:
+                break
+            for job in jobs:
+                self.counts[count] += self.enqueue(job, priority)
+            done = message
+        return done
+
+    def lost_runs(self) -> None:
+        """Runs that were lost: a worker died mid-run (its lease ran out), a retry or a
+        queued job vanished with the queue (Redis restarted or flushed)."""
+        if self.budget <= 0:
+            return
+        requeue = datetime.timedelta(seconds=settings.sweep_requeue)
+        lost = list(JobState
+                    .select()
+                    .where(JobState.status.in_(OPEN_STATUSES)
+                           & ((JobState.lease_until < self.now)
+                              | (JobState.lease_until.is_null()
+                                 & (JobState.updated_at < self.now - requeue))))
+                    .order_by(JobState.updated_at)
+                    .limit(self.budget))
+        for state in lost:
+            self.counts['lost'] += self.enqueue(DueJob(state.kind, state.message_id,
+                                                       state.user_id, state))
+
+    def recent_messages(self) -> None:
+        """Messages created or edited in the last SWEEP_LOOKBACK_HOURS, but not in the last
+        SWEEP_GRACE_SECONDS (a direct enqueue's turn), oldest first."""
+        start = self.now - datetime.timedelta(seconds=settings.sweep_lookback)
+        end = self.now - datetime.timedelta(seconds=settings.sweep_grace)
+        ids = [message_id for message_id, in (Message
+                                              .select(Message.id)
+                                              .where((Message.created_at >= start)
+                                                     & (Message.created_at < end))
+                                              .order_by(Message.created_at, Message.id)
+                                              .tuples())]
+        edited = (MessageVersion
+                  .select(MessageVersion.message)
+                  .where((MessageVersion.id >= models.id_floor(start))
+                         & (MessageVersion.id < models.id_floor(end)))
+                  .distinct()
+                  .tuples())
+        seen = set(ids)
+        ids += [message_id for message_id, in edited if message_id not in seen]
+        batch = settings.sweep_scan_batch
+        for first in range(0, len(ids), batch):
+            if self.budget <= 0:
+                return
+            chunk = ids[first:first + batch]
+            found = {message.id: message for message in (Message
+                                                         .select(*SWEPT_FIELDS)
+                                                         .where(Message.id.in_(chunk)))}
+            self.enqueue_for([found[i] for i in chunk if i in found], 'recent')
+
+    def scan_documents(self) -> None:
+        """The next SWEEP_SCAN_BATCH sync rows that name a document, by message id: one
+        whose message is gone is enqueued, and the sync removes its documents."""
+        if self.budget <= 0:
+            return
+        after = cursor_position('documents')
+        rows = list(JobState
+                    .select(JobState, Message.id.alias('present'))
+                    .join(Message, JOIN.LEFT_OUTER, on=(Message.id == JobState.message_id))
+                    .where((JobState.kind == 'sync-ragflow')
+                           & (JobState.message_id > after)
+                           & JobState.document_id.is_null(False))
+                    .order_by(JobState.message_id)
+                    .limit(settings.sweep_scan_batch)
+                    .objects())
+        self.counts['documents_scanned'] = len(rows)
+        position = rows[-1].message_id if len(rows) == settings.sweep_scan_batch else ''
+        gone = [state for state in rows if state.present is None]
+        configs = self.configs({state.user_id for state in gone})
+        handled = after
+        for state in gone:
+            if self.budget <= 0:
+                position = handled
+                break
+            handled = state.message_id
+            endpoint = ragflow_settings(configs[state.user_id])
+            if endpoint is not None and needs_run(state, document_hash(None, endpoint.dataset_id)):
+                self.counts['deleted'] += self.enqueue(
+                    DueJob('sync-ragflow', state.message_id, state.user_id, state), SCAN_PRIORITY)
+        move_cursor('documents', position)
+
+    def scan_messages(self) -> None:
+        """The next SWEEP_SCAN_BATCH messages by id, from where the last pass stopped and
+        round again: edits made straight in SQL, and messages older than the lookback."""
+        if self.budget <= 0:
+            return
+        after = cursor_position('messages')
+        messages = list(Message
+                        .select(*SWEPT_FIELDS)
+                        .where(Message.id > after)
+                        .order_by(Message.id)
+                        .limit(settings.sweep_scan_batch))
+        self.counts['messages_scanned'] = len(messages)
+        done = self.enqueue_for(messages, 'changed', SCAN_PRIORITY)
+        if messages and done is not messages[-1]:  # cut short by the budget
+            position = done.id if done is not None else after
+        elif len(messages) == settings.sweep_scan_batch:
+            position = messages[-1].id
+        else:
+            position = ''  # the end: round again
+        move_cursor('messages', position)
+
+
+def sweep(now: datetime.datetime | None = None, limit: int | None = None,
+          briefings: bool = False, reason: str = 'command') -> dict[str, int]:
+    """Find what the database says is still to do and enqueue it; the counts of a pass.
+
+    Enqueues at most ``limit`` jobs (default SWEEP_MAX_ENQUEUE), fewer by what the
+    queue holds already, so a backlog drains steadily instead of flooding the queue.
+    ``briefings`` also enqueues the briefings due now.  A queue that cannot be reached
+    raises; rows marked queued meanwhile are enqueued again SWEEP_REQUEUE_SECONDS on.
+    """
+    started = time.monotonic()
+    limit = settings.sweep_max_enqueue if limit is None else limit
+    sweep_pass = Sweep(now or utcnow(), max(0, limit - huey.pending_count()))
+    sweep_pass.lost_runs()
+    sweep_pass.recent_messages()
+    sweep_pass.scan_documents()
+    sweep_pass.scan_messages()
+    if briefings:
+        sweep_pass.counts['briefings'] = len(dispatch_briefings(sweep_pass.now))
+    counts = sweep_pass.counts
+    logger.log(logging.INFO if counts['enqueued'] or reason != 'periodic' else logging.DEBUG,
+               '[sweep] %s pass: %d job(s) enqueued (%d lost runs, %d new or edited, '
+               '%d deleted, %d by the scan of %d messages and %d documents), %d briefing(s), '
+               'in %.2fs', reason, counts['enqueued'], counts['lost'], counts['recent'],
+               counts['deleted'], counts['changed'], counts['messages_scanned'],
+               counts['documents_scanned'], counts['briefings'], time.monotonic() - started)
+    return counts
+
+
 # Tasks.
 
 @huey.task(retries=RETRIES, retry_delay=RETRY_DELAY, context=True)
@@ -1203,7 +1517,9 @@ def auto_tag(user_id: str, message_id: str, task: Task | None = None) -> None:
         input_hash = content_hash(message.content)
         if run.state.status == 'done' and run.state.content_hash == input_hash:
             return
-        run.start(input_hash)
+        if not run.claim(input_hash):
+            defer(run, auto_tag, user_id, message_id)
+            return
         known_tags = user_tag_names(message.author_id)
         endpoint = model_settings(config, config.auto_tag_model, settings.auto_tag_model)
         if endpoint is None:
@@ -1236,16 +1552,13 @@ def sync_ragflow(user_id: str, message_id: str, task: Task | None = None) -> Non
             run.finish('skipped', 'RAGFlow is not configured for this user')
             return
         run.secrets = (endpoint.api_key,)
-        if message is None:  # what is wanted then: no document in this dataset
-            text, input_hash = None, content_hash(endpoint.dataset_id)
-        else:
+        text = None  # for a deleted message what is wanted is no document in this dataset
+        if message is not None:
             text = document_text(message.content, message_tag_names(message_id))
-            input_hash = content_hash(text, endpoint.dataset_id)
+        input_hash = document_hash(text, endpoint.dataset_id)
         previous = run.state
         if not run.claim(input_hash):
-            delay = RETRY_DELAY * random.uniform(2.0, 4.0)
-            sync_ragflow.schedule((user_id, message_id), delay=delay)
-            run.outcome = 'deferred %.1fs (another run holds the message)' % delay
+            defer(run, sync_ragflow, user_id, message_id)
             return
         if previous.status == 'done' and previous.content_hash == input_hash:
             found = {doc['id'] for doc in message_documents(endpoint, message_id)}
@@ -1392,11 +1705,56 @@ def schedule_briefings() -> None:
         dispatch_briefings()
 
 
+def every_minutes(minutes: int) -> Callable[[datetime.datetime], bool]:
+    """A periodic task's schedule: the minutes since the epoch that ``minutes`` divides."""
+    def due(timestamp: datetime.datetime) -> bool:
+        return int(timestamp.replace(tzinfo=datetime.UTC).timestamp() // 60) % minutes == 0
+    return due
+
+
+@huey.periodic_task(every_minutes(settings.sweep_minutes))
+def periodic_sweep() -> None:
+    """Every SWEEP_MINUTES, in a consumer that schedules periodic tasks: one sweep pass
+    (the due briefings are schedule_briefings' part, every minute)."""
+    with database.connection_context():
+        sweep(reason='periodic')
+
+
 @huey.on_startup()
 def prepare_worker() -> None:
     """Each worker makes sure the worker's tables exist before its first job."""
     with database.connection_context():
         models.create_tables()
+
+
+_start_lock = threading.Lock()
+_start_sweeps: threading.Thread | None = None
+
+
+@huey.on_startup()
+def sweep_at_start() -> None:
+    """The consumer's first worker starts the start-up sweeps in a thread of their own,
+    so no worker waits for them (the hook runs once per worker)."""
+    global _start_sweeps
+    with _start_lock:
+        if _start_sweeps is not None:
+            return
+        _start_sweeps = threading.Thread(target=start_sweeps, name='sweep-at-start', daemon=True)
+    _start_sweeps.start()
+
+
+def start_sweeps() -> None:
+    """A sweep pass with the due briefings now, and one more once JOB_LEASE_SECONDS
+    have passed: the leases of a consumer that died just before this one started have
+    run out by then, and its jobs are enqueued again without waiting for a periodic pass."""
+    for delay, reason in ((0.0, 'start-up'), (settings.job_lease + 1, 'after-leases')):
+        time.sleep(delay)
+        try:
+            with database.connection_context():
+                sweep(briefings=delay == 0, reason=reason)
+        except Exception as exc:
+            logger.warning('[sweep] %s pass failed, the next one will catch up: %s', reason,
+                           redact('%s: %s' % (type(exc).__name__, exc))[:300])
 
 
 # Command line.
@@ -1425,6 +1783,18 @@ def iso_date(value: str) -> datetime.date:
         return datetime.datetime.strptime(value, '%Y-%m-%d').date()
     except ValueError:
         raise argparse.ArgumentTypeError('%r is not a valid date of the form YYYY-MM-DD' % value) from None
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    try:
+        counts = sweep(limit=args.limit, briefings=True)
+    except RedisError as exc:
+        print('whitenote-huey sweep: the queue cannot be reached: %s' % redact(str(exc))[:300],
+              file=sys.stderr)
+        return 1
+    print('sweep: %s' % ', '.join('%s %d' % (name.replace('_', ' '), number)
+                                  for name, number in counts.items()))
+    return 0
 
 
 def cmd_briefing(args: argparse.Namespace) -> int:
@@ -1511,6 +1881,11 @@ def build_parser() -> argparse.ArgumentParser:
     cleanup.add_argument('--message', metavar='ID', help='only this message')
     cleanup.add_argument('--dry-run', action='store_true', help='count, delete nothing')
     cleanup.set_defaults(handler=cmd_cleanup_versions)
+    sweep_command = commands.add_parser('sweep', help='one pass of the reconciling sweep now: '
+                                        'enqueue what the database says is still to do')
+    sweep_command.add_argument('--limit', type=int, metavar='N', help='enqueue at most N jobs '
+                               '(default SWEEP_MAX_ENQUEUE)')
+    sweep_command.set_defaults(handler=cmd_sweep)
     return parser
 
 

@@ -1,4 +1,5 @@
 """auto-tag on SQLite and PostgreSQL, driven through the real Huey queue on Redis."""
+import datetime
 import json
 
 import pytest
@@ -249,3 +250,22 @@ def test_a_running_jobs_lease_is_renewed_while_it_runs(model, monkeypatch):
     worker.join()
     state = job_state('auto-tag', message.id)
     assert renewed and state.status == 'done' and state.lease_until is None
+
+
+def test_a_second_run_waits_while_another_holds_the_message(model):
+    user = make_user(config=model_config(model))
+    message = make_message(user, 'held')
+    held = models.utcnow() + datetime.timedelta(seconds=60)
+    models.JobState.create(kind='auto-tag', message_id=message.id, user_id=user.id,
+                           status='running', lease_until=held)
+    huey = whitenote_huey.huey
+    whitenote_huey.auto_tag(user.id, message.id)
+    huey.execute(huey.dequeue())
+    assert model.chat_requests() == []
+    [deferred] = huey.pending()
+    assert (deferred.name, deferred.args, deferred.eta is not None) == (
+        'auto_tag', (user.id, message.id), True)
+    # The holder died: once its lease runs out the deferred run does the work, once.
+    models.JobState.update(lease_until=models.utcnow() - datetime.timedelta(seconds=1)).execute()
+    drain(huey)
+    assert tag_names(message.id) == ['alpha', 'beta'] and len(model.chat_requests()) == 1

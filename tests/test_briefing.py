@@ -565,3 +565,32 @@ def test_briefing_task_runs_on_the_real_consumer(db, model, tmp_path):
     assert len(briefings_of(user)) == 1
     assert '[daily-briefing] 2026-11-27 done' in consumer.log()
     assert model.api_key not in consumer.log()
+
+
+def test_a_running_briefings_lease_is_renewed_while_it_runs(model, zone):
+    tz = zone(SHANGHAI, job_lease=0.6)
+    user = user_with_a_note(model, tz)
+    model.default = text(ANSWER, delay=1.5)
+    worker = threading.Thread(target=whitenote_huey.daily_briefing.call_local, args=(user.id, DAY))
+    worker.start()
+    first = wait_for(lambda: getattr(row(user), 'lease_until', None), what='the claim')
+    assert first <= models.utcnow() + datetime.timedelta(seconds=0.6)  # JOB_LEASE_SECONDS
+    renewed = wait_for(lambda: (row(user).lease_until or first) > first, what='a renewal')
+    worker.join()
+    assert renewed and row(user).status == 'done' and row(user).lease_until is None
+
+
+def test_a_retry_lost_with_the_queue_makes_the_day_due_again(model, zone):
+    tz = zone(SHANGHAI)
+    user = user_with_a_note(model, tz)
+    now = at(tz, next_day(DAY), 8, 0)
+    model.respond(error(503))
+    huey = whitenote_huey.huey
+    whitenote_huey.daily_briefing(user.id, DAY)
+    huey.execute(huey.dequeue())
+    assert row(user).status == 'retrying' and row(user).lease_until > models.utcnow()
+    huey.flush()  # Redis restarted: the retry is gone
+    assert whitenote_huey.dispatch_briefings(now) == []  # its retry may still come
+    Briefing.update(lease_until=models.utcnow() - datetime.timedelta(seconds=1)).execute()
+    assert dispatch(now) == [user.id]
+    assert row(user).status == 'done' and len(briefings_of(user)) == 1
