@@ -1,6 +1,7 @@
 """Reaching the test services, and the helpers that prepare databases and data."""
 import dataclasses
 import datetime
+import json
 import os
 import socket
 import subprocess
@@ -20,6 +21,7 @@ HOW_TO_ENABLE = {
     'redis': 'start Redis on 127.0.0.1:6379 or set TEST_REDIS_URL',
     'postgresql': 'start PostgreSQL on 127.0.0.1:5432 (user postgres, database test) '
                   'or set TEST_DATABASE_URL',
+    'redis-server': 'install redis-server: the crash tests start Redis servers of their own',
 }
 
 
@@ -206,6 +208,59 @@ def subprocess_env(env: dict) -> dict:
     full['PYTHONPATH'] = ROOT
     full.update(env)
     return full
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A redis-server of the test's own on a free port, without persistence, to kill
+    (SIGKILL), flush and start again on the same port."""
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        self.port = free_port()
+        self.process = None
+
+    @property
+    def url(self) -> str:
+        return 'redis://127.0.0.1:%d/0' % self.port
+
+    def start(self) -> 'RedisServer':
+        self.process = subprocess.Popen(
+            ['redis-server', '--port', str(self.port), '--bind', '127.0.0.1', '--save', '',
+             '--appendonly', 'no', '--dir', self.workdir],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: redis_reachable(self.url), timeout=15, what='redis-server to start')
+        return self
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def client(self):
+        import redis
+        return redis.Redis.from_url(self.url)
+
+
+def enqueue_in_subprocess(env: dict, cwd: str, pairs: list) -> list:
+    """``enqueue_message_jobs(user_id, message_id)`` for each pair, in a process with
+    ``env`` (as a web app would call it): per call, what it returned and its seconds."""
+    code = ('import json, sys, time, whitenote_huey\n'
+            'calls = []\n'
+            'for user_id, message_id in json.load(sys.stdin):\n'
+            '    started = time.monotonic()\n'
+            '    enqueued = whitenote_huey.enqueue_message_jobs(user_id, message_id)\n'
+            '    calls.append((enqueued, time.monotonic() - started))\n'
+            'print(json.dumps(calls))\n')
+    result = subprocess.run([sys.executable, '-c', code], input=json.dumps(pairs), cwd=cwd,
+                            env=subprocess_env(env), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
 
 
 def cli(env: dict, cwd: str, *args: str) -> subprocess.CompletedProcess:
