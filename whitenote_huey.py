@@ -642,12 +642,13 @@ def message_tag_names(message_id: str) -> list[str]:
     return tag_names_of([message_id]).get(message_id, [])
 
 
-def tag_names_of(message_ids: list[str]) -> dict[str, list[str]]:
-    """The tag names of each of these messages that has tags, in one query."""
+def tag_names_of(message_ids: list[str], span: tuple[str, str] | None = None) -> dict[str, list[str]]:
+    """The tag names of each of these messages that has tags, in one query (or those of
+    the messages whose ids are in ``span``, a range of the primary key)."""
     query = (Tag
              .select(MessageTag.message, Tag.name)
              .join(MessageTag)
-             .where(MessageTag.message.in_(message_ids))
+             .where(MessageTag.message.between(*span) if span else MessageTag.message.in_(message_ids))
              .tuples())
     names: dict[str, list[str]] = {}
     for message_id, name in query:
@@ -1241,7 +1242,10 @@ def prune_versions(keep: int = 50, message_id: str | None = None, dry_run: bool 
 SWEEP_KINDS = ('auto-tag', 'sync-ragflow')
 OPEN_STATUSES = ('pending', 'queued', 'retrying', 'running')  # a run is due or under way
 SCAN_PRIORITY = -10  # what the rolling scans find waits behind the jobs of new messages
-SWEPT_FIELDS = (Message.id, Message.author, Message.content, Message.created_at)
+# Rows are read as named tuples: making model instances would cost more than the queries.
+SWEPT_FIELDS = (Message.id, Message.author.alias('author_id'), Message.content, Message.created_at)
+STATE_FIELDS = (JobState.id, JobState.kind, JobState.message_id, JobState.user_id, JobState.status,
+                JobState.content_hash, JobState.updated_at)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1249,7 +1253,7 @@ class DueJob:
     kind: str
     message_id: str
     user_id: str
-    state: JobState | None
+    state: tuple | JobState | None  # the job's row as read (STATE_FIELDS), None if it had none
 
 
 def needs_run(state: JobState | None, input_hash: str) -> bool:
@@ -1319,25 +1323,35 @@ class Sweep:
         return True
 
     def configs(self, user_ids: set[str]) -> dict[str, AiConfig]:
-        """The users' AI settings (the defaults for a user with no row), read once a pass."""
+        """What the users' AI settings say of the jobs (the defaults for a user with no
+        row): the fields enable_auto_tag and ragflow_settings() read, once a pass."""
         missing = user_ids - self._configs.keys()
         if missing:
-            for config in AiConfig.select().where(AiConfig.user.in_(sorted(missing))):
+            for config in (AiConfig
+                           .select(AiConfig.user, AiConfig.enable_auto_tag, AiConfig.ragflow_base_url,
+                                   AiConfig.ragflow_api_key, AiConfig.ragflow_dataset_id)
+                           .where(AiConfig.user.in_(sorted(missing)))):
                 self._configs[config.user_id] = config
             for user_id in missing - self._configs.keys():
                 self._configs[user_id] = AiConfig(user=user_id)
         return self._configs
 
-    def due_jobs(self, messages: list[Message]) -> dict[str, list[DueJob]]:
-        """Per message, the jobs it needs: of the kinds its author has on (as
+    def due_jobs(self, messages: list, span: bool = False) -> dict[str, list[DueJob]]:
+        """Per message (rows of SWEPT_FIELDS), the jobs it needs: of the kinds its author has on (as
         enqueue_message_jobs decides), those with no outcome for its current input.
-        A message younger than SWEEP_GRACE_SECONDS is left to its direct enqueue."""
+        A message younger than SWEEP_GRACE_SECONDS is left to its direct enqueue.
+        ``span``: the messages are a slice of the primary key, and their rows are read
+        by that range of ids (an index range) rather than by a list of them."""
+        ids = [message.id for message in messages]
+        span = (ids[0], ids[-1]) if span and ids else None
         grace = self.now - datetime.timedelta(seconds=settings.sweep_grace)
         messages = [message for message in messages if message.created_at < grace]
         ids = [message.id for message in messages]
+        mine = JobState.message_id.between(*span) if span else JobState.message_id.in_(ids)
         states = {(state.kind, state.message_id): state for state in JobState
-                  .select()
-                  .where(JobState.kind.in_(SWEEP_KINDS) & JobState.message_id.in_(ids))}
+                  .select(*STATE_FIELDS)
+                  .where(JobState.kind.in_(SWEEP_KINDS) & mine)
+                  .namedtuples()}
         configs = self.configs({message.author_id for message in messages})
         tags = None
         due: dict[str, list[DueJob]] = {}
@@ -1348,7 +1362,7 @@ class Sweep:
                 wanted.append(('auto-tag', content_hash(message.content)))
             endpoint = ragflow_settings(config)
             if endpoint is not None:
-                tags = tag_names_of(ids) if tags is None else tags
+                tags = tag_names_of(ids, span) if tags is None else tags
                 text = document_text(message.content, tags.get(message.id, []))
                 wanted.append(('sync-ragflow', document_hash(text, endpoint.dataset_id)))
             for kind, input_hash in wanted:
@@ -1358,10 +1372,11 @@ class Sweep:
                         DueJob(kind, message.id, message.author_id, state))
         return due
 
-    def enqueue_for(self, messages: list[Message], count: str, priority: int = 0) -> Message | None:
+    def enqueue_for(self, messages: list, count: str, priority: int = 0,
+                    span: bool = False) -> tuple | None:
         """Enqueue what these messages need, in order, while the budget lasts; the last
         message dealt with in full (None: not even the first)."""
-        due = self.due_jobs(messages) if messages else {}
+        due = self.due_jobs(messages, span) if messages else {}
         done = None
         for message in messages:
             jobs = due.get(message.id, [])
@@ -1379,13 +1394,14 @@ class Sweep:
             return
         requeue = datetime.timedelta(seconds=settings.sweep_requeue)
         lost = list(JobState
-                    .select()
+                    .select(*STATE_FIELDS)
                     .where(JobState.status.in_(OPEN_STATUSES)
                            & ((JobState.lease_until < self.now)
                               | (JobState.lease_until.is_null()
                                  & (JobState.updated_at < self.now - requeue))))
                     .order_by(JobState.updated_at)
-                    .limit(self.budget))
+                    .limit(self.budget)
+                    .namedtuples())
         for state in lost:
             self.counts['lost'] += self.enqueue(DueJob(state.kind, state.message_id,
                                                        state.user_id, state))
@@ -1416,7 +1432,8 @@ class Sweep:
             chunk = ids[first:first + batch]
             found = {message.id: message for message in (Message
                                                          .select(*SWEPT_FIELDS)
-                                                         .where(Message.id.in_(chunk)))}
+                                                         .where(Message.id.in_(chunk))
+                                                         .namedtuples())}
             self.enqueue_for([found[i] for i in chunk if i in found], 'recent')
 
     def scan_documents(self) -> None:
@@ -1426,14 +1443,14 @@ class Sweep:
             return
         after = cursor_position('documents')
         rows = list(JobState
-                    .select(JobState, Message.id.alias('present'))
+                    .select(*STATE_FIELDS, Message.id.alias('present'))
                     .join(Message, JOIN.LEFT_OUTER, on=(Message.id == JobState.message_id))
                     .where((JobState.kind == 'sync-ragflow')
                            & (JobState.message_id > after)
                            & JobState.document_id.is_null(False))
                     .order_by(JobState.message_id)
                     .limit(settings.sweep_scan_batch)
-                    .objects())
+                    .namedtuples())
         self.counts['documents_scanned'] = len(rows)
         position = rows[-1].message_id if len(rows) == settings.sweep_scan_batch else ''
         gone = [state for state in rows if state.present is None]
@@ -1460,9 +1477,10 @@ class Sweep:
                         .select(*SWEPT_FIELDS)
                         .where(Message.id > after)
                         .order_by(Message.id)
-                        .limit(settings.sweep_scan_batch))
+                        .limit(settings.sweep_scan_batch)
+                        .namedtuples())
         self.counts['messages_scanned'] = len(messages)
-        done = self.enqueue_for(messages, 'changed', SCAN_PRIORITY)
+        done = self.enqueue_for(messages, 'changed', SCAN_PRIORITY, span=True)
         if messages and done is not messages[-1]:  # cut short by the budget
             position = done.id if done is not None else after
         elif len(messages) == settings.sweep_scan_batch:
