@@ -48,6 +48,7 @@ from peewee import JOIN
 from peewee import SQL
 from peewee import Expression
 from peewee import ModelSelect
+from peewee import OperationalError
 from peewee import PostgresqlDatabase
 from peewee import Select
 from peewee import SqliteDatabase
@@ -1630,6 +1631,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=settings.log_level, format='%(asctime)s %(levelname)s %(message)s')
+    try:
+        database.connect(reuse_if_open=True)
+    except OperationalError as exc:  # a wrong password, TLS refused, no server
+        print('whitenote-huey: cannot connect to DATABASE_URL %s: %s'
+              % (_hide_password(settings.database_url), str(exc).strip()), file=sys.stderr)
+        return 1
     with database.connection_context():
         return args.handler(args)
 

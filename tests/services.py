@@ -74,9 +74,9 @@ def _admin(statement: str) -> None:
         conn.close()
 
 
-def create_test_database() -> str:
+def create_test_database(suffix: str = '') -> str:
     """A new database named for this process, with the web app's schema applied."""
-    name = 'whitenote_test_%d' % os.getpid()
+    name = 'whitenote_test_%d%s' % (os.getpid(), suffix)
     _admin('DROP DATABASE IF EXISTS %s' % name)
     _admin('CREATE DATABASE %s' % name)
     url = urlparse(DATABASE_URL)._replace(path='/' + name).geturl()
