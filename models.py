@@ -273,7 +273,23 @@ class JobState(BaseModel):
         return cls.get((cls.kind == kind) & (cls.message_id == message_id))
 
 
-WORKER_MODELS = (JobState,)
+class WorkerRun(BaseModel):
+    """The last run of a named periodic activity, such as the sweep or the briefings.
+
+    One row per name, upserted: ``whitenote-huey status`` shows when each last ran.
+    """
+    name = TextField(primary_key=True)
+    started_at = DateTimeField(null=True)
+    finished_at = DateTimeField(null=True)
+    outcome = TextField(null=True)
+    counts = TextField(default='{}')
+    detail = TextField(null=True)
+
+    class Meta:
+        table_name = 'whitenote_huey_run'
+
+
+WORKER_MODELS = (JobState, WorkerRun)
 
 
 def create_tables() -> list[str]:
