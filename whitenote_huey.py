@@ -1043,7 +1043,6 @@ def cmd_note(args: argparse.Namespace) -> int:
     if not args.text.strip():
         print('note: the text is empty', file=sys.stderr)
         return 2
-    models.create_tables()
     user = User.get_or_none(User.email == args.user)
     if user is None:
         user = User.create(email=args.user, name=args.user.partition('@')[0])
@@ -1131,10 +1130,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level, handlers=[handler])
     try:
         with database.connection_context():
+            if isinstance(database.obj, SqliteDatabase) and args.handler is not cmd_init_db:
+                models.create_tables()  # standalone: a fresh directory just works
             return args.handler(args)
     except (DatabaseError, InterfaceError, RedisError, sqlite3.Error) as exc:
-        print('whitenote-huey: the database or the queue failed: %s'
-              % redact('%s: %s' % (type(exc).__name__, exc))[:300], file=sys.stderr)
+        text = redact('%s: %s' % (type(exc).__name__, exc))[:300]
+        if 'no such table' in text or 'does not exist' in text:
+            text += ' (run whitenote-huey init-db to create the tables)'
+        print('whitenote-huey: the database or the queue failed: %s' % text, file=sys.stderr)
         return EXIT_UNAVAILABLE
 
 

@@ -569,3 +569,16 @@ def test_concurrent_workers_on_sqlite_do_not_trip_on_locks(tmp_path):
         assert {job_state('auto-tag', m.id).attempts for m in messages} == {1}
     finally:
         whitenote_huey.use_database(os.environ['DATABASE_URL'])
+
+
+def test_missing_worker_tables_are_made_on_sqlite_and_explained_on_postgresql(db, tmp_path):
+    JobState.drop_table()
+    try:
+        status = cli(worker_env(db, redis=False), str(tmp_path), 'status', '--json')
+    finally:
+        models.create_tables()
+    if db.kind == 'sqlite':  # standalone: a fresh directory just works
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)['jobs']['auto-tag']['done'] == 0
+    else:  # beside WhiteNote: tables are made by the consumer or init-db, on purpose
+        assert status.returncode == 3 and 'run whitenote-huey init-db' in status.stderr
