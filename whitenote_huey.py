@@ -98,6 +98,7 @@ class Settings:
     briefing_max_chars: int
     timezone: ZoneInfo
     secret: str
+    queue_name: str
     http_timeout: float
     job_lease: float
     log_level: str
@@ -132,6 +133,13 @@ def _url(env: dict, name: str, schemes: tuple, default: str = '') -> str:
     except ValueError as exc:
         raise SettingsError('%s: %s' % (name, exc)) from None
     return value
+
+
+def _queue_name(env: dict) -> str:
+    name = env.get('WHITENOTE_QUEUE', '').strip() or 'whitenote'
+    if not re.fullmatch(r'[A-Za-z0-9_]{1,64}', name):
+        raise SettingsError('WHITENOTE_QUEUE: %r is not 1-64 letters, digits or _' % name)
+    return name
 
 
 def _hide_password(url: str) -> str:
@@ -200,6 +208,7 @@ def load_settings(env: dict | None = None) -> Settings:
         briefing_max_chars=_int(env, 'BRIEFING_MAX_CHARS', 12000),
         timezone=timezone,
         secret=env.get('WHITENOTE_SECRET', '').strip(),
+        queue_name=_queue_name(env),
         http_timeout=_float(env, 'HTTP_TIMEOUT', 20.0),
         job_lease=_float(env, 'JOB_LEASE_SECONDS', 60.0),
         log_level=log_level,
@@ -341,8 +350,8 @@ def make_huey(config: Settings) -> Huey:
                            'WHITENOTE_SECRET', config.data_dir)
         pool = ConnectionPool.from_url(config.redis_url, socket_connect_timeout=2,
                                        socket_timeout=10, health_check_interval=30)
-        return WhiteNoteRedisHuey('whitenote', connection_pool=pool, **options)
-    return WhiteNoteSqliteHuey('whitenote', filename=os.path.join(config.data_dir, 'whitenote-queue.db'),
+        return WhiteNoteRedisHuey(config.queue_name, connection_pool=pool, **options)
+    return WhiteNoteSqliteHuey(config.queue_name, filename=os.path.join(config.data_dir, 'whitenote-queue.db'),
                                **options)
 
 

@@ -30,6 +30,7 @@ def run_python(code: str, cwd, **env) -> subprocess.CompletedProcess:
     ('OPENAI_BASE_URL', 'not a url', 'OPENAI_BASE_URL'),
     ('WHITENOTE_TIMEZONE', 'Mars/Olympus_Mons', 'WHITENOTE_TIMEZONE'),
     ('HTTP_TIMEOUT', 'soon', 'HTTP_TIMEOUT'),
+    ('WHITENOTE_QUEUE', 'has spaces', 'WHITENOTE_QUEUE'),
 ])
 def test_bad_setting_stops_the_program_naming_it(tmp_path, name, value, expected):
     result = run_python('import whitenote_huey', tmp_path, **{name: value})
