@@ -318,7 +318,23 @@ class Briefing(BaseModel):
         return cls.get((cls.user_id == user_id) & (cls.day == day))
 
 
-WORKER_MODELS = (JobState, Briefing)
+class WorkerRun(BaseModel):
+    """The last run of a named periodic activity, such as the sweep or the briefings.
+
+    One row per name, upserted: ``whitenote-huey status`` shows when each last ran.
+    """
+    name = TextField(primary_key=True)
+    started_at = DateTimeField(null=True)
+    finished_at = DateTimeField(null=True)
+    outcome = TextField(null=True)
+    counts = TextField(default='{}')
+    detail = TextField(null=True)
+
+    class Meta:
+        table_name = 'whitenote_huey_run'
+
+
+WORKER_MODELS = (JobState, Briefing, WorkerRun)
 
 
 def create_tables() -> list[str]:

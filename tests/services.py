@@ -200,6 +200,12 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1, what: str 
     raise AssertionError('timed out after %.0fs waiting for %s' % (timeout, what))
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
 def subprocess_env(env: dict) -> dict:
     """This process's environment for a worker subprocess; REDIS_URL only if ``env`` has it."""
     full = {k: v for k, v in os.environ.items() if k != 'REDIS_URL'}
@@ -208,8 +214,16 @@ def subprocess_env(env: dict) -> dict:
     return full
 
 
+def worker_env(db, redis: bool) -> dict:
+    """Settings for a worker subprocess on the test database ``db``, with Redis or not."""
+    env = {'DATABASE_URL': db.url, 'WHITENOTE_SECRET': os.environ['WHITENOTE_SECRET'], 'LOG_LEVEL': 'INFO'}
+    if redis:
+        env['REDIS_URL'] = os.environ['REDIS_URL']
+    return env
+
+
 def cli(env: dict, cwd: str, *args: str) -> subprocess.CompletedProcess:
-    """``python -m whitenote_huey ARGS`` in a subprocess, output captured."""
+    """``python -m whitenote_huey ARGS`` in a subprocess."""
     return subprocess.run([sys.executable, '-m', 'whitenote_huey', *args], cwd=cwd,
                           env=subprocess_env(env),
                           capture_output=True, text=True, timeout=60)
@@ -249,12 +263,6 @@ class Consumer:
                 self.process.wait()
         self._log.close()
         return self.process.returncode
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 
 class RedisServer:

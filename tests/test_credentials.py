@@ -72,7 +72,8 @@ def enqueue_fails(db_url: str, url: str, cwd: str) -> str:
     """The command line's error when the queue at ``url`` refuses it."""
     note = make_message(make_user(config=None), 'never queued')
     result = cli(worker_env(db_url, url), cwd, 'enqueue', 'auto-tag', note.id)
-    assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr
+    assert result.returncode == whitenote_huey.EXIT_UNAVAILABLE, result.stderr
+    assert 'Traceback' not in result.stderr
     return result.stderr.strip()
 
 
@@ -112,8 +113,9 @@ def test_redis_with_a_password(db, tmp_path):
         run_one_job(db.url, redis_url(server.port, PASSWORD), str(tmp_path))
         wrong = enqueue_fails(db.url, redis_url(server.port, 'wrong-pass-7f3a'), str(tmp_path))
         assert wrong == (
-            'whitenote-huey: the queue at REDIS_URL redis://:***@127.0.0.1:%d/0 cannot be used: '
-            'AuthenticationError: invalid username-password pair or user is disabled.' % server.port)
+            'whitenote-huey: the database or the queue failed: the queue at REDIS_URL '
+            'redis://:***@127.0.0.1:%d/0 cannot be used: AuthenticationError: invalid '
+            'username-password pair or user is disabled.' % server.port)
         # A consumer with the wrong password says so plainly, without the password.
         env = worker_env(db.url, redis_url(server.port, 'wrong-pass-7f3a'))
         consumer = Consumer(env, str(tmp_path), '-w', '1', log_path=str(tmp_path / 'wrong.log')).start()
@@ -280,7 +282,8 @@ def test_postgresql_with_tls_and_a_password(tmp_path):
 
         def refused(url: str) -> str:
             result = cli(worker_env(url), str(tmp_path), 'init-db')
-            assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr
+            assert result.returncode == whitenote_huey.EXIT_UNAVAILABLE, result.stderr
+            assert 'Traceback' not in result.stderr
             assert PASSWORD not in result.stderr and quote(PASSWORD, safe='') not in result.stderr
             assert 'cannot connect to DATABASE_URL postgresql://whitenote:***@127.0.0.1' in result.stderr
             return result.stderr
@@ -315,7 +318,8 @@ def test_least_privilege_role_runs_the_worker(redis_queue, tmp_path):
     try:
         env = worker_env(role_url, os.environ['REDIS_URL'])
         result = cli(env, str(tmp_path), 'init-db')
-        assert result.stdout.strip() == 'created: whitenote_huey_job, whitenote_huey_briefing', result.stderr
+        assert result.stdout.strip() == 'created: ' + ', '.join(
+            model._meta.table_name for model in models.WORKER_MODELS), result.stderr
         whitenote_huey.use_database(role_url)
         user = make_user(config=None)
         note = make_message(user, 'least privilege #minimal')

@@ -87,9 +87,9 @@ def redis_contents(url: str) -> list[bytes]:
 
 def queued_messages(url: str, serializer) -> list:
     """The task messages in the queue and the schedule, unpickled (they are ours, signed)."""
-    conn = redis.Redis.from_url(url)
-    data = [item[8:] for item in conn.zrange('huey.redis.whitenote', 0, -1)]  # 8-byte prefix
-    data += conn.zrange('huey.schedule.whitenote', 0, -1)
+    conn, name = redis.Redis.from_url(url), whitenote_huey.settings.queue_name
+    data = [item[8:] for item in conn.zrange('huey.redis.%s' % name, 0, -1)]  # 8-byte prefix
+    data += conn.zrange('huey.schedule.%s' % name, 0, -1)
     return [serializer.deserialize(item) for item in data]
 
 
