@@ -330,6 +330,22 @@ class Briefing(BaseModel):
         return cls.get((cls.user_id == user_id) & (cls.day == day))
 
 
+class WorkerRun(BaseModel):
+    """The last run of a named periodic activity, such as the sweep or the briefings.
+
+    One row per name, upserted: ``whitenote-huey status`` shows when each last ran.
+    """
+    name = TextField(primary_key=True)
+    started_at = DateTimeField(null=True)
+    finished_at = DateTimeField(null=True)
+    outcome = TextField(null=True)
+    counts = TextField(default='{}')
+    detail = TextField(null=True)
+
+    class Meta:
+        table_name = 'whitenote_huey_run'
+
+
 class SweepCursor(BaseModel):
     """Where one of the sweep's rolling scans goes on from (a key of the scanned table)."""
     name = TextField(primary_key=True)
@@ -340,7 +356,7 @@ class SweepCursor(BaseModel):
         table_name = 'whitenote_huey_sweep'
 
 
-WORKER_MODELS = (JobState, Briefing, SweepCursor)
+WORKER_MODELS = (JobState, Briefing, WorkerRun, SweepCursor)
 
 
 def create_tables() -> list[str]:

@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 import functools
 import hashlib
+import ipaddress
 import json
 import logging
 import operator
@@ -21,6 +22,8 @@ import os
 import random
 import re
 import secrets
+import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -28,6 +31,7 @@ import unicodedata
 from collections.abc import Callable
 from collections.abc import Iterator
 from urllib.parse import quote
+from urllib.parse import unquote
 from urllib.parse import urlparse
 from zoneinfo import ZoneInfo
 from zoneinfo import ZoneInfoNotFoundError
@@ -44,7 +48,9 @@ from huey.api import TaskWrapper
 from huey.serializer import SignedSerializer
 from peewee import JOIN
 from peewee import SQL
+from peewee import DatabaseError
 from peewee import Expression
+from peewee import InterfaceError
 from peewee import ModelSelect
 from peewee import PostgresqlDatabase
 from peewee import Select
@@ -65,14 +71,24 @@ from models import MessageVersion
 from models import SweepCursor
 from models import Tag
 from models import User
+from models import WorkerRun
 from models import database
 from models import new_id
 from models import utcnow
+
+try:
+    import prometheus_client
+except ImportError:  # the optional "metrics" extra
+    prometheus_client = None
 
 logger = logging.getLogger('huey.whitenote')
 
 
 # Settings.
+
+# any: per-user model and RAGFlow URLs may point anywhere; public: only at public addresses.
+URL_POLICIES = ('any', 'public')
+
 
 class SettingsError(ValueError):
     """A setting with a value the worker cannot use; the message names the setting."""
@@ -92,6 +108,7 @@ class Settings:
     briefing_max_chars: int
     timezone: ZoneInfo
     secret: str
+    queue_name: str
     http_timeout: float
     job_lease: float
     sweep_minutes: int
@@ -101,6 +118,10 @@ class Settings:
     sweep_max_enqueue: int
     sweep_scan_batch: int
     log_level: str
+    log_format: str
+    metrics_port: int
+    metrics_addr: str
+    url_policy: str = 'any'
 
     @property
     def data_dir(self) -> str:
@@ -131,6 +152,13 @@ def _url(env: dict, name: str, schemes: tuple, default: str = '') -> str:
     return value
 
 
+def _queue_name(env: dict) -> str:
+    name = env.get('WHITENOTE_QUEUE', '').strip() or 'whitenote'
+    if not re.fullmatch(r'[A-Za-z0-9_]{1,64}', name):
+        raise SettingsError('WHITENOTE_QUEUE: %r is not 1-64 letters, digits or _' % name)
+    return name
+
+
 def _hide_password(url: str) -> str:
     return re.sub(r'//([^:/@]*):[^@/]*@', r'//\1:***@', url)
 
@@ -153,6 +181,15 @@ def _int(env: dict, name: str, default: int) -> int:
     return int(value)
 
 
+def _port(env: dict, name: str) -> int:
+    raw = env.get(name, '').strip()
+    if not raw:
+        return 0
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise SettingsError('%s: %r is not a port number (1-65535)' % (name, raw))
+    return int(raw)
+
+
 def load_settings(env: dict | None = None) -> Settings:
     """Read settings from the environment; a bad value raises SettingsError naming it."""
     env = os.environ if env is None else env
@@ -164,12 +201,19 @@ def load_settings(env: dict | None = None) -> Settings:
     log_level = (env.get('LOG_LEVEL', '').strip() or 'INFO').upper()
     if log_level not in ('DEBUG', 'INFO', 'WARNING', 'ERROR'):
         raise SettingsError('LOG_LEVEL: %r is not DEBUG, INFO, WARNING or ERROR' % log_level)
+    url_policy = env.get('WHITENOTE_URL_POLICY', '').strip().lower() or 'any'
+    if url_policy not in URL_POLICIES:
+        raise SettingsError('WHITENOTE_URL_POLICY: %r is not %s'
+                            % (env.get('WHITENOTE_URL_POLICY'), ' or '.join(URL_POLICIES)))
     ragflow_api_key = env.get('RAGFLOW_API_KEY', '').strip()
     ragflow_dataset_id = env.get('RAGFLOW_DATASET_ID', '').strip()
     if ragflow_api_key and not ragflow_dataset_id:
         raise SettingsError('RAGFLOW_DATASET_ID: must be set too when RAGFLOW_API_KEY is')
     if ragflow_dataset_id and not ragflow_api_key:
         raise SettingsError('RAGFLOW_API_KEY: must be set too when RAGFLOW_DATASET_ID is')
+    log_format = (env.get('LOG_FORMAT', '').strip() or 'text').lower()
+    if log_format not in ('text', 'json'):
+        raise SettingsError('LOG_FORMAT: %r is not text or json' % log_format)
     return Settings(
         database_url=_url(env, 'DATABASE_URL', ('postgresql', 'postgres', 'sqlite'),
                           'sqlite:///whitenote.db'),
@@ -185,6 +229,7 @@ def load_settings(env: dict | None = None) -> Settings:
         briefing_max_chars=_int(env, 'BRIEFING_MAX_CHARS', 12000),
         timezone=timezone,
         secret=env.get('WHITENOTE_SECRET', '').strip(),
+        queue_name=_queue_name(env),
         http_timeout=_float(env, 'HTTP_TIMEOUT', 20.0),
         job_lease=_float(env, 'JOB_LEASE_SECONDS', 60.0),
         sweep_minutes=_int(env, 'SWEEP_MINUTES', 1),
@@ -194,6 +239,10 @@ def load_settings(env: dict | None = None) -> Settings:
         sweep_max_enqueue=_int(env, 'SWEEP_MAX_ENQUEUE', 500),
         sweep_scan_batch=_int(env, 'SWEEP_SCAN_BATCH', 5000),
         log_level=log_level,
+        log_format=log_format,
+        metrics_port=_port(env, 'METRICS_PORT'),
+        metrics_addr=env.get('METRICS_ADDR', '').strip() or '127.0.0.1',
+        url_policy=url_policy,
     )
 
 
@@ -204,10 +253,42 @@ except SettingsError as exc:
     raise SystemExit('whitenote-huey: bad setting: %s' % exc) from None
 
 
+# Logs.
+
+_RECORD_ATTRIBUTES = set(vars(logging.LogRecord('', 0, '', 0, '', (), None))) | {'message', 'asctime'}
+
+
+class JsonFormatter(logging.Formatter):
+    """LOG_FORMAT=json: one object a line with time, level, logger, message and the
+    fields a call passed with ``extra=`` (kind, message_id, user_id, outcome, ...)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {'time': datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+                 .isoformat(timespec='milliseconds').replace('+00:00', 'Z'),
+                 'level': record.levelname,
+                 'logger': record.name,
+                 'message': record.getMessage()}
+        entry.update((key, value) for key, value in vars(record).items()
+                     if key not in _RECORD_ATTRIBUTES and key not in entry)
+        if record.exc_info:
+            entry['exception'] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def log_formatter(config: Settings) -> logging.Formatter:
+    if config.log_format == 'json':
+        return JsonFormatter()
+    return logging.Formatter('%(asctime)s %(levelname)s %(message)s')
+
+
 # Database.
 
 def connect_database(url: str) -> SqliteDatabase | PostgresqlDatabase:
-    """A SQLite file (WAL, waits on locks) or a pooled PostgreSQL connection."""
+    """A SQLite file (WAL, waits on locks) or a pooled PostgreSQL connection.
+
+    SQLite transactions take the write lock when they begin: one that read first and
+    wrote later would fail at once ("database is locked") under a concurrent writer.
+    """
     if url.startswith('sqlite'):
         # Transactions take the write lock at BEGIN: a reader that later writes would
         # otherwise fail at once with "database is locked" instead of waiting.
@@ -259,6 +340,29 @@ class CheckedSerializer(SignedSerializer):
             raise
 
 
+class ConsumerLogging:
+    """Applies LOG_FORMAT=json inside huey_consumer.
+
+    huey_consumer imports this module, then puts its own text handler on the "huey"
+    logger, then calls create_consumer(): here every line, the first included, can
+    still be made JSON.
+    """
+
+    def create_consumer(self, **options):
+        if settings.log_format == 'json':
+            for handler in logging.getLogger('huey').handlers:
+                handler.setFormatter(JsonFormatter())
+        return super().create_consumer(**options)
+
+
+class WhiteNoteRedisHuey(ConsumerLogging, PriorityRedisHuey):
+    """Huey on Redis, with priorities: bulk re-runs wait behind new messages' jobs."""
+
+
+class WhiteNoteSqliteHuey(ConsumerLogging, SqliteHuey):
+    """Huey's SQLite storage (which honours priorities too), for a machine without Redis."""
+
+
 def make_huey(config: Settings) -> Huey:
     """Redis when REDIS_URL is set, else Huey's SQLite storage beside the data.
 
@@ -274,12 +378,20 @@ def make_huey(config: Settings) -> Huey:
                            'WHITENOTE_SECRET', config.data_dir)
         pool = ConnectionPool.from_url(config.redis_url, socket_connect_timeout=2,
                                        socket_timeout=10, health_check_interval=30)
-        return PriorityRedisHuey('whitenote', connection_pool=pool, **options)
-    return SqliteHuey('whitenote', filename=os.path.join(config.data_dir, 'whitenote-queue.db'),
-                      **options)
+        return WhiteNoteRedisHuey(config.queue_name, connection_pool=pool, **options)
+    return WhiteNoteSqliteHuey(config.queue_name, filename=os.path.join(config.data_dir, 'whitenote-queue.db'),
+                               **options)
 
 
 huey = make_huey(settings)
+
+
+def queue_error(exc: Exception) -> str:
+    """A failure to use the queue, in words that name REDIS_URL but not its password."""
+    password = urlparse(settings.redis_url).password or ''
+    return 'the queue at REDIS_URL %s cannot be used: %s: %s' % (
+        _hide_password(settings.redis_url), type(exc).__name__,
+        redact(str(exc), password, unquote(password))[:300])
 
 
 # Errors and retries.
@@ -473,10 +585,12 @@ def job(kind: str, message_id: str, user_id: str, task: Task | None,
 
     Transient errors leave retries to Huey (with a jittered, growing delay set on the
     task); permanent ones, and the last try, record "failed".  What reaches Huey is a
-    JobFailed with the key-free message only.
+    JobFailed with the key-free message only.  The start and end lines carry kind,
+    message_id, user_id, outcome, duration and attempt as fields for LOG_FORMAT=json.
     """
     started = time.monotonic()
-    logger.info('[%s] %s started (user %s)', kind, message_id, user_id)
+    fields = {'kind': kind, 'message_id': message_id, 'user_id': user_id}
+    logger.info('[%s] %s started (user %s)', kind, message_id, user_id, extra=fields)
     with database.connection_context():
         run = run_class(kind, message_id, user_id)
         try:
@@ -488,19 +602,174 @@ def job(kind: str, message_id: str, user_id: str, task: Task | None,
                 if task is not None:
                     task.retries = 0
                 run.fail('failed', error)
+                duration = time.monotonic() - started
                 logger.error('[%s] %s failed after %.2fs (attempt %d): %s', kind, message_id,
-                             time.monotonic() - started, run.state.attempts, error)
+                             duration, run.state.attempts, error, extra=dict(
+                                 fields, outcome='failed', duration=round(duration, 3),
+                                 attempt=run.state.attempts))
             else:
                 delay = backoff_delay(RETRIES - retries_left, getattr(exc, 'retry_after', None))
                 task.retry_delay = delay
                 run.fail('retrying', error, retry_in=delay)
+                duration = time.monotonic() - started
                 logger.warning('[%s] %s will retry in %.1fs (attempt %d): %s', kind, message_id,
-                               delay, run.state.attempts, error)
+                               delay, run.state.attempts, error, extra=dict(
+                                   fields, outcome='retrying', duration=round(duration, 3),
+                                   attempt=run.state.attempts, retry_in=round(delay, 1)))
+            count_job(kind, run.outcome, duration)
             raise JobFailed('%s %s: %s' % (kind, message_id, error)) from None
         finally:
             if run.holds_lease:
                 leases.release(run)
-    logger.info('[%s] %s %s in %.2fs', kind, message_id, run.outcome, time.monotonic() - started)
+    duration = time.monotonic() - started
+    logger.info('[%s] %s %s in %.2fs', kind, message_id, run.outcome, duration, extra=dict(
+        fields, outcome=run.outcome, duration=round(duration, 3), attempt=run.state.attempts))
+    count_job(kind, run.outcome, duration)
+
+
+def record_run(name: str, outcome: str, started_at: datetime.datetime | None = None,
+               finished_at: datetime.datetime | None = None, counts: dict | None = None,
+               detail: str | None = None) -> None:
+    """Upsert the row of a named periodic activity (the sweep, the briefings) for status.
+
+    Only the values given change, so a run that starts keeps the last finish time.
+    """
+    values = {WorkerRun.outcome: outcome}
+    for field, value in ((WorkerRun.started_at, started_at), (WorkerRun.finished_at, finished_at),
+                         (WorkerRun.counts, None if counts is None else json.dumps(counts)),
+                         (WorkerRun.detail, detail)):
+        if value is not None:
+            values[field] = value
+    (WorkerRun
+     .insert({WorkerRun.name: name, **values})
+     .on_conflict(conflict_target=[WorkerRun.name], update=values)
+     .execute())
+
+
+@contextlib.contextmanager
+def recorded_run(name: str) -> Iterator[dict]:
+    """Record a periodic activity's start, then its end with the counts the body filled in."""
+    counts: dict = {}
+    record_run(name, 'running', started_at=utcnow())
+    try:
+        yield counts
+    except Exception as exc:
+        record_run(name, 'failed', finished_at=utcnow(), counts=counts,
+                   detail=redact('%s: %s' % (type(exc).__name__, exc))[:500])
+        raise
+    record_run(name, 'done', finished_at=utcnow(), counts=counts, detail='')
+
+
+# Metrics.
+
+class Metrics:
+    """The consumer's Prometheus metrics, in a registry of their own.
+
+    Counters are per process: with METRICS_PORT, run thread (or greenlet) workers,
+    as run_consumer.sh does.  The gauges are read when Prometheus scrapes.
+    """
+
+    def __init__(self):
+        client = prometheus_client
+        self.registry = client.CollectorRegistry()
+        self.jobs = client.Counter(
+            'whitenote_jobs', 'Jobs run, by kind and outcome (done, unchanged, skipped, '
+            'retrying, failed).', ['kind', 'outcome'], registry=self.registry)
+        self.duration = client.Histogram(
+            'whitenote_job_duration_seconds', 'How long jobs ran, by kind.', ['kind'],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=self.registry)
+        self.retries = client.Counter(
+            'whitenote_job_retries', 'Job runs that failed and will be retried, by kind.',
+            ['kind'], registry=self.registry)
+        client.Gauge('whitenote_queue_length', 'Jobs waiting in the queue.',
+                     registry=self.registry).set_function(lambda: _or_nan(huey.pending_count))
+        client.Gauge('whitenote_scheduled_jobs', 'Jobs waiting for a later time (retries).',
+                     registry=self.registry).set_function(lambda: _or_nan(huey.scheduled_count))
+        client.Gauge('whitenote_oldest_pending_seconds', 'Age of the oldest job state waiting '
+                     'to run (pending, queued or retrying); 0 when none waits.',
+                     registry=self.registry).set_function(lambda: _or_nan(oldest_pending_age))
+
+
+def _or_nan(read) -> float:
+    """A gauge's value, or NaN when the queue or database cannot be read right now."""
+    try:
+        return float(read() or 0)
+    except Exception as exc:
+        logger.warning('metrics: cannot read a gauge: %s', redact(str(exc))[:300])
+        return float('nan')
+
+
+def oldest_pending_age() -> float | None:
+    """Seconds since the oldest pending, queued or retrying job state last changed; None if none."""
+    with database.connection_context():
+        oldest = (JobState
+                  .select(JobState.updated_at)
+                  .where(JobState.status.in_(('pending', 'queued', 'retrying')))
+                  .order_by(JobState.updated_at)
+                  .first())
+    if oldest is None:
+        return None
+    return max(0.0, (utcnow() - oldest.updated_at).total_seconds())
+
+
+metrics = Metrics() if prometheus_client is not None else None
+
+
+def count_job(kind: str, outcome: str, seconds: float) -> None:
+    if metrics is not None:
+        metrics.jobs.labels(kind, outcome).inc()
+        metrics.duration.labels(kind).observe(seconds)
+        if outcome == 'retrying':
+            metrics.retries.labels(kind).inc()
+
+
+_metrics_lock = threading.Lock()
+_metrics_started = False
+
+
+@huey.on_startup()
+def serve_metrics() -> None:
+    """With METRICS_PORT set, serve /metrics once per consumer (each worker runs this hook)."""
+    global _metrics_started
+    if not settings.metrics_port:
+        return
+    with _metrics_lock:
+        if _metrics_started:
+            return
+        _metrics_started = True
+        if metrics is None:
+            logger.warning("METRICS_PORT is set but prometheus-client is not installed: no "
+                           "metrics are served (pip install 'whitenote-huey[metrics]')")
+            return
+        try:
+            prometheus_client.start_http_server(settings.metrics_port, settings.metrics_addr,
+                                                registry=metrics.registry)
+        except OSError as exc:
+            logger.error('metrics: cannot listen on %s:%d: %s', settings.metrics_addr,
+                         settings.metrics_port, exc)
+            return
+        logger.info('metrics: serving http://%s:%d/metrics', settings.metrics_addr,
+                    settings.metrics_port)
+
+
+_NAT64 = ipaddress.ip_network('64:ff9b::/96')
+
+
+def refused_address(address: str) -> str | None:
+    """Why WHITENOTE_URL_POLICY=public refuses this IP address ("loopback", ...), or None.
+
+    An IPv6 address that carries an IPv4 one (IPv4-mapped, 6to4, NAT64) is judged by it.
+    """
+    ip = ipaddress.ip_address(address)
+    if ip.version == 6:
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        ip = embedded or ip
+    for kind in ('loopback', 'link_local', 'multicast', 'unspecified', 'reserved', 'private'):
+        if getattr(ip, 'is_' + kind):
+            return kind.replace('_', '-')
+    return None if ip.is_global else 'non-global'
 
 
 def defer(run: JobRun, task: TaskWrapper, *args) -> None:
@@ -511,11 +780,43 @@ def defer(run: JobRun, task: TaskWrapper, *args) -> None:
 
 
 def outbound_url(url: str, setting: str) -> str:
-    """A per-user service URL, checked before any request goes to it."""
-    parsed = urlparse(url.strip())
-    if parsed.scheme not in ('http', 'https') or not parsed.hostname:
-        raise PermanentError('%s %r is not an http(s) URL' % (setting, url[:100]))
-    return url.strip()
+    """A per-user service URL, checked before any request goes to it.
+
+    With WHITENOTE_URL_POLICY=public its host must resolve to public addresses only, so
+    a user cannot make the worker call the internal network (SSRF).  Known limit: the
+    HTTP client resolves the name again to connect, so a DNS server that answers a
+    public address here and a private one then (DNS rebinding) is not stopped.
+    """
+    url = url.strip()
+    parsed = urlparse(url)
+    try:
+        port = parsed.port or (443 if parsed.scheme == 'https' else 80)
+    except ValueError:
+        port = None
+    if parsed.scheme not in ('http', 'https') or not parsed.hostname or port is None:
+        raise PermanentError('%s %r is not an http(s) URL' % (setting, _hide_password(url)[:100]))
+    if settings.url_policy == 'public':
+        try:
+            infos = socket.getaddrinfo(parsed.hostname, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            raise TransientError('%s: host %r cannot be resolved: %s'
+                                 % (setting, parsed.hostname[:100], exc)) from None
+        for address in sorted({info[4][0] for info in infos}):
+            kind = refused_address(address)
+            if kind is not None:
+                where = address if address == parsed.hostname else '%s (%s)' % (parsed.hostname,
+                                                                                 address)
+                raise PermanentError('%s %r: %s is not a public address (%s), refused by '
+                                     'WHITENOTE_URL_POLICY=public'
+                                     % (setting, _hide_password(url)[:100], where, kind))
+    return url
+
+
+def redirect_refused(what: str, status: int, location: str | None, setting: str) -> PermanentError:
+    """The worker follows no redirect: it could lead anywhere, and a POST would be lost."""
+    return PermanentError('%s answered HTTP %d, a redirect to %s, which is not followed: '
+                          'set %s to the final URL' % (what, status,
+                                                       redact(location or '(nowhere)')[:200], setting))
 
 
 # The model client.
@@ -525,6 +826,7 @@ class ModelSettings:
     base_url: str
     api_key: str = dataclasses.field(repr=False)
     model: str
+    setting: str = 'OPENAI_BASE_URL'  # where base_url comes from, for error messages
 
 
 def model_settings(config: AiConfig, model: str, env_model: str) -> ModelSettings | None:
@@ -532,7 +834,7 @@ def model_settings(config: AiConfig, model: str, env_model: str) -> ModelSetting
     endpoint and ``env_model``, else None (offline)."""
     if config.openai_api_key:
         return ModelSettings(outbound_url(config.openai_base_url, 'AiConfig.openaiBaseUrl'),
-                             config.openai_api_key, model)
+                             config.openai_api_key, model, 'AiConfig.openaiBaseUrl')
     if settings.openai_api_key:
         return ModelSettings(settings.openai_base_url, settings.openai_api_key, env_model)
     return None
@@ -540,12 +842,16 @@ def model_settings(config: AiConfig, model: str, env_model: str) -> ModelSetting
 
 @functools.lru_cache(maxsize=64)
 def model_client(base_url: str, api_key: str) -> openai.OpenAI:
-    """One client per endpoint and key, so connections are reused across jobs."""
+    """One client per endpoint and key, so connections are reused across jobs.
+
+    The openai client follows redirects by default; this one does not (see redirect_refused).
+    """
     base = base_url.rstrip('/')
     if not base.endswith('/v1'):
         base += '/v1'
     return openai.OpenAI(base_url=base, api_key=api_key, timeout=settings.http_timeout,
-                         max_retries=0)
+                         max_retries=0,
+                         http_client=openai.DefaultHttpxClient(follow_redirects=False))
 
 
 def ask_model(endpoint: ModelSettings, messages: list[dict], temperature: float = 0.2) -> str:
@@ -555,13 +861,16 @@ def ask_model(endpoint: ModelSettings, messages: list[dict], temperature: float 
             model=endpoint.model, messages=messages, temperature=temperature)
     except openai.APIStatusError as exc:
         status = exc.status_code
+        if 300 <= status < 400:
+            raise redirect_refused('model endpoint', status, exc.response.headers.get('location'),
+                                   endpoint.setting) from None
         text = 'model endpoint answered HTTP %d: %s' % (status, str(exc.message)[:300])
         if status in (408, 409, 429) or status >= 500:
             raise TransientError(text, retry_after_seconds(exc.response.headers.get('retry-after'))) from None
         raise PermanentError(text) from None
     except openai.APIConnectionError as exc:
         raise TransientError('model endpoint unreachable: %s' % type(exc).__name__) from None
-    except openai.OpenAIError as exc:
+    except (openai.OpenAIError, ValueError) as exc:  # ValueError: not JSON, not UTF-8
         raise TransientError('model endpoint gave an unusable answer: %s' % type(exc).__name__) from None
     try:
         return completion.choices[0].message.content or ''
@@ -704,17 +1013,25 @@ class RagflowSettings:
     base_url: str
     api_key: str = dataclasses.field(repr=False)
     dataset_id: str
+    setting: str = 'RAGFLOW_BASE_URL'  # where base_url comes from, for error messages
 
 
-def ragflow_settings(config: AiConfig) -> RagflowSettings | None:
+def ragflow_settings(config: AiConfig, check: bool = True) -> RagflowSettings | None:
     """The user's dataset if their AI settings name a key and a dataset, else the environment's.
 
     ``enableRag`` is not consulted: it decides whether the web app's chat answers from
     RAGFlow, and keeping the dataset current means turning it on needs no backfill.
+    An empty ``ragflowBaseUrl`` means RAGFLOW_BASE_URL; another one is checked by
+    outbound_url (unless ``check`` is off: only to learn whether RAGFlow is configured).
     """
     if config.ragflow_api_key.strip() and config.ragflow_dataset_id.strip():
-        return RagflowSettings(config.ragflow_base_url.strip() or settings.ragflow_base_url,
-                               config.ragflow_api_key.strip(), config.ragflow_dataset_id.strip())
+        url, setting = config.ragflow_base_url.strip(), 'AiConfig.ragflowBaseUrl'
+        if not url:
+            url, setting = settings.ragflow_base_url, 'RAGFLOW_BASE_URL'
+        elif check:
+            url = outbound_url(url, setting)
+        return RagflowSettings(url, config.ragflow_api_key.strip(),
+                               config.ragflow_dataset_id.strip(), setting)
     if settings.ragflow_api_key and settings.ragflow_dataset_id:
         return RagflowSettings(settings.ragflow_base_url, settings.ragflow_api_key,
                                settings.ragflow_dataset_id)
@@ -771,7 +1088,7 @@ def ragflow_call(endpoint: RagflowSettings, method: str, path: str, what: str, *
                                         quote(endpoint.dataset_id, safe=''), path)
     headers = {'Authorization': 'Bearer %s' % endpoint.api_key}
     try:
-        response = ragflow_session().request(method, url, headers=headers,
+        response = ragflow_session().request(method, url, headers=headers, allow_redirects=False,
                                              timeout=settings.http_timeout, **kwargs)
     except requests.Timeout:
         raise TransientError('RAGFlow %s timed out after %gs' % (what, settings.http_timeout)) from None
@@ -780,6 +1097,9 @@ def ragflow_call(endpoint: RagflowSettings, method: str, path: str, what: str, *
             raise PermanentError('RAGFlow %s: unusable request (%s); check ragflowBaseUrl'
                                  % (what, type(exc).__name__)) from None
         raise TransientError('RAGFlow %s failed: %s' % (what, type(exc).__name__)) from None
+    if 300 <= response.status_code < 400:
+        raise redirect_refused('RAGFlow %s' % what, response.status_code,
+                               response.headers.get('Location'), endpoint.setting)
     return ragflow_answer(response, what)
 
 
@@ -876,6 +1196,8 @@ BRIEFING_ANSWER_CHARS = 20000
 _BRIEFING_TIME = re.compile(r'\s*(\d{1,2}):(\d{2})\s*')
 _BRIEFING_TITLE_DAY = re.compile(re.escape(BRIEFING_TITLE) + r'(\d{4})/(\d{1,2})/(\d{1,2})')
 _MARKDOWN_HEADING = re.compile(r'^#{1,6}\s+')
+_CONTROL_CHARS = re.compile(r'[\x00-\x08\x0b-\x1f\x7f-\x9f]')  # C0 and C1, but tab and newline
+_SURROGATES = re.compile(r'[\ud800-\udfff]')
 
 # Outcomes after which the dispatcher leaves a day alone, and states it leaves alone
 # while their lease lasts (a run, or Huey's retry, is due); a task also takes "empty"
@@ -1022,6 +1344,14 @@ def offline_briefing(covered: list[Message], messages: list[Message]) -> str:
         lines += ['', '🏷️ 常用标签：' + ', '.join('#%s (%d)' % (name, count) for name, count in tags)]
     lines += ['', '*离线生成，未使用 AI 模型 (made without a model: no API key is configured).*']
     return '\n'.join(lines)
+
+
+def briefing_text(answer: str) -> str:
+    """The model's answer as plain text any database takes: newlines as \\n, control
+    characters (NUL, terminal escapes) dropped, lone surrogates as U+FFFD, cut to size."""
+    text = answer.replace('\r\n', '\n').replace('\r', '\n')
+    text = _SURROGATES.sub('\ufffd', _CONTROL_CHARS.sub('', text))
+    return text.strip()[:BRIEFING_ANSWER_CHARS]
 
 
 def briefing_content(day: datetime.date, body: str, covered: int, total: int) -> str:
@@ -1290,11 +1620,12 @@ class Sweep:
     goes on from there next time.
     """
 
-    def __init__(self, now: datetime.datetime, budget: int):
+    def __init__(self, now: datetime.datetime, budget: int, counts: dict | None = None):
         self.now = now
         self.budget = budget
-        self.counts = dict.fromkeys(('enqueued', 'lost', 'recent', 'deleted', 'changed',
-                                     'messages_scanned', 'documents_scanned', 'briefings'), 0)
+        self.counts = {} if counts is None else counts
+        self.counts.update(dict.fromkeys(('enqueued', 'lost', 'recent', 'deleted', 'changed',
+                                          'messages_scanned', 'documents_scanned', 'briefings'), 0))
         self._configs: dict[str, AiConfig] = {}
 
     def enqueue(self, job: DueJob, priority: int = 0) -> bool:
@@ -1498,17 +1829,18 @@ def sweep(now: datetime.datetime | None = None, limit: int | None = None,
     queue holds already, so a backlog drains steadily instead of flooding the queue.
     ``briefings`` also enqueues the briefings due now.  A queue that cannot be reached
     raises; rows marked queued meanwhile are enqueued again SWEEP_REQUEUE_SECONDS on.
+    Each pass is recorded as the run "sweep" (``whitenote-huey status``).
     """
     started = time.monotonic()
     limit = settings.sweep_max_enqueue if limit is None else limit
-    sweep_pass = Sweep(now or utcnow(), max(0, limit - huey.pending_count()))
-    sweep_pass.lost_runs()
-    sweep_pass.recent_messages()
-    sweep_pass.scan_documents()
-    sweep_pass.scan_messages()
-    if briefings:
-        sweep_pass.counts['briefings'] = len(dispatch_briefings(sweep_pass.now))
-    counts = sweep_pass.counts
+    with recorded_run('sweep') as counts:
+        sweep_pass = Sweep(now or utcnow(), max(0, limit - huey.pending_count()), counts)
+        sweep_pass.lost_runs()
+        sweep_pass.recent_messages()
+        sweep_pass.scan_documents()
+        sweep_pass.scan_messages()
+        if briefings:
+            counts['briefings'] = len(dispatch_briefings(sweep_pass.now))
     logger.log(logging.INFO if counts['enqueued'] or reason != 'periodic' else logging.DEBUG,
                '[sweep] %s pass: %d job(s) enqueued (%d lost runs, %d new or edited, '
                '%d deleted, %d by the scan of %d messages and %d documents), %d briefing(s), '
@@ -1605,7 +1937,7 @@ def sync_ragflow(user_id: str, message_id: str, task: Task | None = None) -> Non
 def enqueue_ragflow_sync(user_id: str, message_id: str, config: AiConfig) -> bool:
     """Enqueue sync_ragflow if the user has RAGFlow configured; never raises."""
     try:
-        if ragflow_settings(config) is None:
+        if ragflow_settings(config, check=False) is None:
             return False
         sync_ragflow(user_id, message_id)
         return True
@@ -1691,7 +2023,7 @@ def daily_briefing(user_id: str, day: datetime.date, manual: bool = False,
         else:
             run.secrets = (endpoint.api_key,)
             answer = ask_model(endpoint, briefing_prompt(config, covered, len(messages)), 0.7)
-            body = answer.replace('\x00', '').strip()[:BRIEFING_ANSWER_CHARS]
+            body = briefing_text(answer)
             if not body:
                 raise TransientError('model endpoint gave an empty briefing')
             how = 'model %s' % endpoint.model
@@ -1740,7 +2072,13 @@ def periodic_sweep() -> None:
 
 @huey.on_startup()
 def prepare_worker() -> None:
-    """Each worker makes sure the worker's tables exist before its first job."""
+    """Each worker makes sure the worker's tables exist before its first job, and says
+    plainly if the queue refuses it (a wrong password, TLS): Huey logs only tracebacks."""
+    if settings.redis_url:
+        try:
+            huey.storage.conn.ping()
+        except RedisError as exc:
+            logger.error(queue_error(exc))
     with database.connection_context():
         models.create_tables()
 
@@ -1778,6 +2116,12 @@ def start_sweeps() -> None:
 # Command line.
 
 JOB_TASKS = {'auto-tag': auto_tag, 'sync-ragflow': sync_ragflow}
+BULK_PRIORITY = -10  # retry and retag: behind every job enqueued at the default, 0
+BATCH_SIZE = 500
+STATUS_BUCKETS = ('done', 'pending', 'running', 'failed', 'skipped', 'other')
+EXIT_UNAVAILABLE = 3
+EXIT_STATUSES = ('exit status: 0 done, 1 not found or refused, 2 bad arguments, '
+                 '3 database or queue unreachable, 130 interrupted (safe to run again)')
 
 
 def cmd_init_db(args: argparse.Namespace) -> int:
@@ -1788,11 +2132,286 @@ def cmd_init_db(args: argparse.Namespace) -> int:
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
     message = Message.get_or_none(Message.id == args.message_id)
+    if message is not None:
+        user_id, note = message.author_id, ''
+    else:
+        # Deleted: its job may still have something to undo, if it ever ran.
+        state = JobState.get_or_none((JobState.kind == args.kind)
+                                     & (JobState.message_id == args.message_id))
+        if state is None:
+            print('no message with id %r' % args.message_id, file=sys.stderr)
+            return 1
+        user_id, note = state.user_id, ' (the message is gone; the job cleans up after it)'
+    JOB_TASKS[args.kind](user_id, args.message_id)
+    print('enqueued %s for message %s%s' % (args.kind, args.message_id, note))
+    return 0
+
+
+def _iso(when: datetime.datetime | None) -> str | None:
+    return when.isoformat(timespec='seconds') + 'Z' if when else None
+
+
+def job_counts() -> dict[str, dict[str, int]]:
+    """Per job kind, the states in each bucket (queued and retrying count as pending), in one query."""
+    counts = {kind: dict.fromkeys(STATUS_BUCKETS, 0) for kind in JOB_TASKS}
+    query = (JobState
+             .select(JobState.kind, JobState.status, fn.COUNT(JobState.id))
+             .group_by(JobState.kind, JobState.status)
+             .tuples())
+    for kind, status, number in query:
+        bucket = 'pending' if status in ('queued', 'retrying') else status
+        bucket = bucket if bucket in STATUS_BUCKETS else 'other'
+        counts.setdefault(kind, dict.fromkeys(STATUS_BUCKETS, 0))[bucket] += number
+    return counts
+
+
+def status_report(failure_limit: int = 10) -> dict:
+    """What ``status`` shows; its keys are stable, for scripts reading ``--json``."""
+    queue = {'backend': 'redis' if settings.redis_url else 'sqlite', 'pending': None,
+             'scheduled': None, 'error': None}
+    try:
+        queue['pending'] = huey.pending_count()
+        queue['scheduled'] = huey.scheduled_count()
+    except (RedisError, sqlite3.Error, OSError) as exc:
+        queue['error'] = redact('%s: %s' % (type(exc).__name__, exc))[:300]
+    failures = (JobState
+                .select()
+                .where(JobState.status == 'failed')
+                .order_by(JobState.updated_at.desc(), JobState.id.desc())
+                .limit(failure_limit))
+    age = oldest_pending_age()
+    return {
+        'queue': queue,
+        'jobs': job_counts(),
+        'oldest_pending_seconds': None if age is None else round(age, 1),
+        'failures': [{'kind': state.kind, 'message_id': state.message_id, 'user_id': state.user_id,
+                      'time': _iso(state.updated_at), 'error': state.last_error,
+                      'attempts': state.attempts} for state in failures],
+        'runs': [{'name': run.name, 'outcome': run.outcome, 'started_at': _iso(run.started_at),
+                  'finished_at': _iso(run.finished_at), 'counts': json.loads(run.counts or '{}'),
+                  'detail': run.detail} for run in WorkerRun.select().order_by(WorkerRun.name)],
+    }
+
+
+def _ago(seconds: float) -> str:
+    for unit, size in (('d', 86400), ('h', 3600), ('m', 60)):
+        if seconds >= size:
+            return '%d%s ago' % (seconds // size, unit)
+    return '%ds ago' % seconds
+
+
+def print_status(report: dict) -> None:
+    queue = report['queue']
+    if queue['error']:
+        print('queue (%s): UNREACHABLE: %s' % (queue['backend'], queue['error']))
+    else:
+        print('queue (%s): %d waiting, %d scheduled' % (queue['backend'], queue['pending'],
+                                                       queue['scheduled']))
+    buckets = [b for b in STATUS_BUCKETS
+               if b != 'other' or any(c['other'] for c in report['jobs'].values())]
+    width = max(len(kind) for kind in ['job', *report['jobs']])
+    print('\n%-*s %s' % (width, 'job', ' '.join('%8s' % b for b in buckets)))
+    for kind, counts in sorted(report['jobs'].items()):
+        print('%-*s %s' % (width, kind, ' '.join('%8d' % counts[b] for b in buckets)))
+    age = report['oldest_pending_seconds']
+    print('oldest waiting job: %s' % ('none' if age is None else 'since ' + _ago(age)))
+    print('\nlatest failures:' if report['failures'] else '\nlatest failures: none')
+    for failure in report['failures']:
+        error = ' '.join((failure['error'] or '').split())
+        print('  %s  %s  %s  attempts %d  %s' % (failure['time'], failure['kind'],
+                                                 failure['message_id'], failure['attempts'],
+                                                 error[:120]))
+    print('\nperiodic runs:' if report['runs'] else '\nperiodic runs: none recorded yet')
+    for run in report['runs']:
+        counts = ', '.join('%s %s' % item for item in run['counts'].items())
+        print('  %s: %s; last started %s, last finished %s%s%s' % (
+            run['name'], run['outcome'], run['started_at'] or 'never',
+            run['finished_at'] or 'never', '; ' + counts if counts else '',
+            '; ' + run['detail'] if run['detail'] else ''))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    report = status_report(args.failures)
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        print_status(report)
+    return EXIT_UNAVAILABLE if report['queue']['error'] else 0
+
+
+def walk(query, key) -> Iterator[list]:
+    """The rows of ``query`` a page at a time, ordered by ``key`` and resumed after the
+    last key seen: memory stays bounded, and rows changed behind the walk are neither
+    skipped nor seen twice (as they would be with OFFSET)."""
+    last = None
+    while True:
+        page = query.order_by(key).limit(BATCH_SIZE)
+        if last is not None:
+            page = page.where(key > last)
+        rows = list(page)
+        if rows:
+            yield rows
+        if len(rows) < BATCH_SIZE:
+            return
+        last = getattr(rows[-1], key.name)
+
+
+def show_progress(text: str, end: bool = False) -> None:
+    """A count rewritten in place on stderr, when stderr is a terminal."""
+    if sys.stderr.isatty():
+        print('\r' + text, end='\n' if end else '', file=sys.stderr, flush=True)
+
+
+def enqueue_bulk(command: str, batches: Iterator[list[tuple[str, str, str]]],
+                 summary: Callable[[int], str]) -> int:
+    """Enqueue batches of (kind, user_id, message_id) behind new messages' jobs, with a
+    count on a terminal, then print the summary of how many; Ctrl-C stops it cleanly."""
+    enqueued = 0
+    try:
+        for batch in batches:
+            for kind, user_id, message_id in batch:
+                JOB_TASKS[kind](user_id, message_id, priority=BULK_PRIORITY)
+                enqueued += 1
+            show_progress('%s: %d enqueued' % (command, enqueued))
+    except KeyboardInterrupt:
+        show_progress('', end=True)
+        print('%s: interrupted after %d job(s) enqueued; running it again is safe'
+              % (command, enqueued), file=sys.stderr)
+        return 130
+    show_progress('%s: %d enqueued' % (command, enqueued), end=True)
+    print('%s: %s' % (command, summary(enqueued)))
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Mark failed job states pending, then enqueue them, behind new messages' jobs."""
+    query = JobState.select().where(JobState.status == 'failed')
+    if args.kind:
+        query = query.where(JobState.kind == args.kind)
+    if args.message:
+        query = query.where(JobState.message_id == args.message)
+    left = 0
+
+    def batches():
+        nonlocal left
+        for states in walk(query, JobState.id):
+            known = [state for state in states if state.kind in JOB_TASKS]
+            left += len(states) - len(known)
+            if known:
+                (JobState
+                 .update(status='pending', detail='retry requested', updated_at=utcnow())
+                 .where(JobState.id.in_([state.id for state in known])
+                        & (JobState.status == 'failed'))
+                 .execute())
+            yield [(state.kind, state.user_id, state.message_id) for state in known]
+
+    return enqueue_bulk('retry', batches(), lambda enqueued: 'enqueued %d failed job(s)%s' % (
+        enqueued, ', %d of a kind with no task here left as they are' % left if left else ''))
+
+
+def request_rerun(kind: str, messages: list[Message], detail: str) -> None:
+    """Mark the job states pending with no content hash, so the next run redoes the work
+    even for content it handled before.  A second queued run of the same job then
+    finds the hash recorded again and does nothing."""
+    ids = [message.id for message in messages]
+    with database.atomic():
+        (JobState
+         .insert_many([{JobState.kind: kind, JobState.message_id: message.id,
+                        JobState.user_id: message.author_id} for message in messages])
+         .on_conflict_ignore()
+         .execute())
+        (JobState
+         .update(status='pending', content_hash=None, detail=detail, updated_at=utcnow())
+         .where((JobState.kind == kind) & JobState.message_id.in_(ids))
+         .execute())
+
+
+def local_day(text: str) -> datetime.datetime:
+    """A YYYY-MM-DD day of WHITENOTE_TIMEZONE, as the naive UTC time it starts at."""
+    return local_day_bounds(iso_date(text))[0]
+
+
+def cmd_retag(args: argparse.Namespace) -> int:
+    """Re-run auto-tag over existing messages, behind the jobs of new messages."""
+    if not (args.all or args.user or args.since or args.failed):
+        print('retag: say which messages: --all, or any of --user, --since, --failed',
+              file=sys.stderr)
+        return 2
+    query = Message.select(Message.id, Message.author)
+    if args.user:
+        query = query.where(Message.author == args.user)
+    if args.since:
+        query = query.where(Message.created_at >= args.since)
+    if args.failed:
+        query = (query
+                 .join(JobState, on=(JobState.message_id == Message.id)
+                       & (JobState.kind == 'auto-tag'))
+                 .where(JobState.status == 'failed'))
+    turned_off = 0
+
+    def batches():
+        nonlocal turned_off
+        for messages in walk(query, Message.id):
+            off = {config.user_id for config in AiConfig
+                   .select(AiConfig.user)
+                   .where(AiConfig.user.in_({message.author_id for message in messages})
+                          & (AiConfig.enable_auto_tag == False))}  # noqa: E712
+            wanted = [message for message in messages if message.author_id not in off]
+            turned_off += len(messages) - len(wanted)
+            if wanted:
+                request_rerun('auto-tag', wanted, 'retag requested')
+            yield [('auto-tag', message.author_id, message.id) for message in wanted]
+
+    return enqueue_bulk('retag', batches(), lambda enqueued: 'enqueued auto-tag for %d message(s)%s' % (
+        enqueued, ', skipped %d whose author turned auto-tag off' % turned_off if turned_off else ''))
+
+
+def cmd_note(args: argparse.Namespace) -> int:
+    """Standalone mode: add a note for a local user and enqueue its jobs."""
+    if not isinstance(database.obj, SqliteDatabase):
+        print('note: refused: DATABASE_URL is a PostgreSQL (WhiteNote) database; write notes '
+              'in the web app. This command is for the standalone SQLite mode.', file=sys.stderr)
+        return 1
+    if not args.text.strip():
+        print('note: the text is empty', file=sys.stderr)
+        return 2
+    user = User.get_or_none(User.email == args.user)
+    if user is None:
+        user = User.create(email=args.user, name=args.user.partition('@')[0])
+    message = Message.create(author=user, content=args.text)
+    enqueued = enqueue_message_jobs(user.id, message.id)
+    print(message.id)
+    print('note %s by %s; enqueued: %s' % (message.id, user.email, ', '.join(enqueued) or 'nothing'),
+          file=sys.stderr)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    message = Message.get_or_none(Message.id == args.message_id)
     if message is None:
         print('no message with id %r' % args.message_id, file=sys.stderr)
         return 1
-    JOB_TASKS[args.kind](message.author_id, message.id)
-    print('enqueued %s for message %s' % (args.kind, message.id))
+    author = User.get_or_none(User.id == message.author_id)
+    tags = (Tag
+            .select(Tag.name)
+            .join(MessageTag)
+            .where(MessageTag.message == message.id)
+            .order_by(Tag.name))
+    states = list(JobState
+                  .select()
+                  .where(JobState.message_id == message.id)
+                  .order_by(JobState.kind))
+    print('message %s by %s, %s' % (message.id, author.email if author else message.author_id,
+                                    _iso(message.created_at)))
+    if message.title:
+        print('title: %s' % message.title)
+    print(''.join('  ' + line for line in message.content.splitlines(True)))
+    print('tags: %s' % (', '.join('#' + tag.name for tag in tags) or 'none'))
+    print('jobs:' if states else 'jobs: none has run yet (is the consumer running?)')
+    for state in states:
+        text = state.last_error if state.status in ('failed', 'retrying') else state.detail
+        print('  %-12s %-8s attempts %d, %s  %s' % (state.kind, state.status, state.attempts,
+                                                    _iso(state.updated_at), text or ''))
     return 0
 
 
@@ -1804,12 +2423,7 @@ def iso_date(value: str) -> datetime.date:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    try:
-        counts = sweep(limit=args.limit, briefings=True)
-    except RedisError as exc:
-        print('whitenote-huey sweep: the queue cannot be reached: %s' % redact(str(exc))[:300],
-              file=sys.stderr)
-        return 1
+    counts = sweep(limit=args.limit, briefings=True)
     print('sweep: %s' % ', '.join('%s %d' % (name.replace('_', ' '), number)
                                   for name, number in counts.items()))
     return 0
@@ -1876,11 +2490,12 @@ def cmd_cleanup_versions(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='whitenote-huey', description="WhiteNote's background worker. Run the consumer "
-        'with: huey_consumer whitenote_huey.huey (or ./run_consumer.sh).')
+        'with: huey_consumer whitenote_huey.huey (or ./run_consumer.sh).', epilog=EXIT_STATUSES)
     commands = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
     commands.add_parser('init-db', help="create the tables that are missing").set_defaults(
         handler=cmd_init_db)
-    enqueue = commands.add_parser('enqueue', help='enqueue a job for a message now')
+    enqueue = commands.add_parser('enqueue', help='enqueue a job for a message now',
+                                  epilog=EXIT_STATUSES)
     enqueue.add_argument('kind', choices=sorted(JOB_TASKS))
     enqueue.add_argument('message_id')
     enqueue.set_defaults(handler=cmd_enqueue)
@@ -1899,6 +2514,31 @@ def build_parser() -> argparse.ArgumentParser:
     cleanup.add_argument('--message', metavar='ID', help='only this message')
     cleanup.add_argument('--dry-run', action='store_true', help='count, delete nothing')
     cleanup.set_defaults(handler=cmd_cleanup_versions)
+    status = commands.add_parser('status', help='the queue, job counts, failures, periodic runs')
+    status.add_argument('--json', action='store_true', help='one JSON object, for scripts')
+    status.add_argument('--failures', type=int, default=10, metavar='N',
+                        help='how many of the latest failures to list (default 10)')
+    status.set_defaults(handler=cmd_status)
+    retry = commands.add_parser('retry', help='enqueue failed jobs again')
+    retry.add_argument('--kind', choices=sorted(JOB_TASKS), help='only jobs of this kind')
+    retry.add_argument('--message', metavar='ID', help="only this message's jobs")
+    retry.set_defaults(handler=cmd_retry)
+    retag = commands.add_parser('retag', help='re-run auto-tag on existing messages, at low '
+                                'priority (new messages go first)')
+    retag.add_argument('--all', action='store_true', help='every message')
+    retag.add_argument('--user', metavar='ID', help="only this user's messages")
+    retag.add_argument('--since', type=local_day, metavar='DATE',
+                       help='only messages created on or after this day (YYYY-MM-DD, WHITENOTE_TIMEZONE)')
+    retag.add_argument('--failed', action='store_true', help='only messages whose auto-tag failed')
+    retag.set_defaults(handler=cmd_retag)
+    note = commands.add_parser('note', help='standalone mode: add a note for a local user '
+                               '(created if missing) and enqueue its jobs')
+    note.add_argument('--user', required=True, metavar='EMAIL')
+    note.add_argument('text')
+    note.set_defaults(handler=cmd_note)
+    show = commands.add_parser('show', help='a message with its tags and job states')
+    show.add_argument('message_id')
+    show.set_defaults(handler=cmd_show)
     sweep_command = commands.add_parser('sweep', help='one pass of the reconciling sweep now: '
                                         'enqueue what the database says is still to do')
     sweep_command.add_argument('--limit', type=int, metavar='N', help='enqueue at most N jobs '
@@ -1909,9 +2549,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=settings.log_level, format='%(asctime)s %(levelname)s %(message)s')
-    with database.connection_context():
-        return args.handler(args)
+    handler = logging.StreamHandler()
+    handler.setFormatter(log_formatter(settings))
+    logging.basicConfig(level=settings.log_level, handlers=[handler])
+    try:
+        database.connect(reuse_if_open=True)
+    except (DatabaseError, InterfaceError, sqlite3.Error) as exc:  # a wrong password, TLS, no server
+        print('whitenote-huey: cannot connect to DATABASE_URL %s: %s'
+              % (_hide_password(settings.database_url), redact(str(exc).strip())[:300]),
+              file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    try:
+        with database.connection_context():
+            if isinstance(database.obj, SqliteDatabase) and args.handler is not cmd_init_db:
+                models.create_tables()  # standalone: a fresh directory just works
+            return args.handler(args)
+    except (DatabaseError, InterfaceError, RedisError, sqlite3.Error) as exc:
+        if isinstance(exc, RedisError):
+            text = queue_error(exc)  # names REDIS_URL, without its password
+        else:
+            text = redact('%s: %s' % (type(exc).__name__, exc))[:300]
+        if 'no such table' in text or 'does not exist' in text:
+            text += ' (run whitenote-huey init-db to create the tables)'
+        print('whitenote-huey: the database or the queue failed: %s' % text, file=sys.stderr)
+        return EXIT_UNAVAILABLE
 
 
 if __name__ == '__main__':

@@ -22,6 +22,8 @@ os.environ.update({
     'WHITENOTE_SECRET': 'test-secret-not-for-production',
     'WHITENOTE_TIMEZONE': 'UTC',
     'HTTP_TIMEOUT': '2',
+    # A queue of this run's own, so test runs sharing a Redis never take each other's jobs.
+    'WHITENOTE_QUEUE': 'whitenote_test_%d' % os.getpid(),
 })
 for name in ('OPENAI_API_KEY', 'OPENAI_BASE_URL', 'AUTO_TAG_MODEL', 'RAGFLOW_BASE_URL',
              'RAGFLOW_API_KEY', 'RAGFLOW_DATASET_ID', 'REDIS_URL'):

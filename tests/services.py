@@ -76,9 +76,9 @@ def _admin(statement: str) -> None:
         conn.close()
 
 
-def create_test_database() -> str:
+def create_test_database(suffix: str = '') -> str:
     """A new database named for this process, with the web app's schema applied."""
-    name = 'whitenote_test_%d' % os.getpid()
+    name = 'whitenote_test_%d%s' % (os.getpid(), suffix)
     _admin('DROP DATABASE IF EXISTS %s' % name)
     _admin('CREATE DATABASE %s' % name)
     url = urlparse(DATABASE_URL)._replace(path='/' + name).geturl()
@@ -202,49 +202,18 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1, what: str 
     raise AssertionError('timed out after %.0fs waiting for %s' % (timeout, what))
 
 
-def subprocess_env(env: dict) -> dict:
-    """This process's environment for a worker subprocess; REDIS_URL only if ``env`` has it."""
-    full = {k: v for k, v in os.environ.items() if k != 'REDIS_URL'}
-    full['PYTHONPATH'] = ROOT
-    full.update(env)
-    return full
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(('127.0.0.1', 0))
         return sock.getsockname()[1]
 
 
-class RedisServer:
-    """A redis-server of the test's own on a free port, without persistence, to kill
-    (SIGKILL), flush and start again on the same port."""
-
-    def __init__(self, workdir: str):
-        self.workdir = workdir
-        self.port = free_port()
-        self.process = None
-
-    @property
-    def url(self) -> str:
-        return 'redis://127.0.0.1:%d/0' % self.port
-
-    def start(self) -> 'RedisServer':
-        self.process = subprocess.Popen(
-            ['redis-server', '--port', str(self.port), '--bind', '127.0.0.1', '--save', '',
-             '--appendonly', 'no', '--dir', self.workdir],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: redis_reachable(self.url), timeout=15, what='redis-server to start')
-        return self
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-    def client(self):
-        import redis
-        return redis.Redis.from_url(self.url)
+def subprocess_env(env: dict) -> dict:
+    """This process's environment for a worker subprocess; REDIS_URL only if ``env`` has it."""
+    full = {k: v for k, v in os.environ.items() if k != 'REDIS_URL'}
+    full['PYTHONPATH'] = ROOT
+    full.update(env)
+    return full
 
 
 def enqueue_in_subprocess(env: dict, cwd: str, pairs: list) -> list:
@@ -263,8 +232,16 @@ def enqueue_in_subprocess(env: dict, cwd: str, pairs: list) -> list:
     return json.loads(result.stdout.splitlines()[-1])
 
 
+def worker_env(db, redis: bool) -> dict:
+    """Settings for a worker subprocess on the test database ``db``, with Redis or not."""
+    env = {'DATABASE_URL': db.url, 'WHITENOTE_SECRET': os.environ['WHITENOTE_SECRET'], 'LOG_LEVEL': 'INFO'}
+    if redis:
+        env['REDIS_URL'] = os.environ['REDIS_URL']
+    return env
+
+
 def cli(env: dict, cwd: str, *args: str) -> subprocess.CompletedProcess:
-    """``python -m whitenote_huey ARGS`` in a subprocess, output captured."""
+    """``python -m whitenote_huey ARGS`` in a subprocess."""
     return subprocess.run([sys.executable, '-m', 'whitenote_huey', *args], cwd=cwd,
                           env=subprocess_env(env),
                           capture_output=True, text=True, timeout=60)
@@ -304,3 +281,66 @@ class Consumer:
                 self.process.wait()
         self._log.close()
         return self.process.returncode
+
+
+class RedisServer:
+    """A redis-server of a test's own on a free port (password, TLS, persistence as asked).
+
+    ``options`` are redis-server arguments, e.g. ('--requirepass', 'secret').  With
+    ``tls`` (a dict of cert, key and ca file paths) it listens with TLS only.
+    """
+
+    def __init__(self, directory: str, *options: str, tls: dict | None = None):
+        self.directory = directory
+        self.options = options
+        self.tls = tls
+        self.port = free_port()
+        self.process = None
+
+    def start(self) -> 'RedisServer':
+        args = ['redis-server', '--bind', '127.0.0.1', '--dir', self.directory, '--save', '',
+                '--appendonly', 'no', '--logfile', os.path.join(self.directory, 'redis.log')]
+        if self.tls:
+            args += ['--port', '0', '--tls-port', str(self.port),
+                     '--tls-cert-file', self.tls['cert'], '--tls-key-file', self.tls['key'],
+                     '--tls-ca-cert-file', self.tls['ca'], '--tls-auth-clients', 'no']
+        else:
+            args += ['--port', str(self.port)]
+        self.process = subprocess.Popen([*args, *self.options], cwd=self.directory,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: self.process.poll() is not None or _port_open(
+            'redis://127.0.0.1:%d' % self.port, self.port), timeout=20, what='redis-server to listen')
+        if self.process.poll() is not None:
+            raise RuntimeError('redis-server exited with %s; see %s/redis.log'
+                               % (self.process.returncode, self.directory))
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: gone at once, and without persistence its data with it; ``start()``
+        brings it back, empty, on the same port."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    @property
+    def url(self) -> str:
+        return 'redis://127.0.0.1:%d/0' % self.port
+
+    def client(self):
+        import redis
+        return redis.Redis.from_url(self.url)
+
+    def __enter__(self) -> 'RedisServer':
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -30,6 +30,7 @@ def run_python(code: str, cwd, **env) -> subprocess.CompletedProcess:
     ('OPENAI_BASE_URL', 'not a url', 'OPENAI_BASE_URL'),
     ('WHITENOTE_TIMEZONE', 'Mars/Olympus_Mons', 'WHITENOTE_TIMEZONE'),
     ('HTTP_TIMEOUT', 'soon', 'HTTP_TIMEOUT'),
+    ('WHITENOTE_QUEUE', 'has spaces', 'WHITENOTE_QUEUE'),
 ])
 def test_bad_setting_stops_the_program_naming_it(tmp_path, name, value, expected):
     result = run_python('import whitenote_huey', tmp_path, **{name: value})
@@ -51,10 +52,10 @@ def test_dotenv_is_read_and_environment_wins(tmp_path):
 
 
 def test_defaults_are_sqlite_files_in_the_working_directory(tmp_path):
-    code = ('import whitenote_huey as w; print(type(w.huey).__name__, w.models.database.obj.database, '
-            'w.huey.storage.filename)')
-    name, database, queue = run_python(code, tmp_path).stdout.split()
-    assert name == 'SqliteHuey'
+    code = ('import whitenote_huey as w; print(isinstance(w.huey, w.SqliteHuey), '
+            'w.models.database.obj.database, w.huey.storage.filename)')
+    sqlite_huey, database, queue = run_python(code, tmp_path).stdout.split()
+    assert sqlite_huey == 'True'
     assert database == 'whitenote.db'
     assert queue == str(tmp_path / 'whitenote-queue.db')
 

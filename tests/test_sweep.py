@@ -17,7 +17,7 @@ from services import make_user
 from services import model_config
 from services import ragflow_config
 from services import tag_names
-from test_consumer import worker_env
+from services import worker_env
 from test_sync_ragflow import own_docs
 
 import models
@@ -257,8 +257,10 @@ def test_sweep_command_prints_the_counts_and_enqueues(db, model, tmp_path):
     assert result.returncode == 0, result.stderr
     assert 'enqueued 1, lost 0, recent 1' in result.stdout
     assert queued() == [('auto_tag', (user.id, message.id))]
+    assert models.WorkerRun.get_by_id('sweep').outcome == 'done'  # for status
     down = cli(dict(env, REDIS_URL='redis://127.0.0.1:1/0'), str(tmp_path), 'sweep')
-    assert down.returncode == 1 and 'queue cannot be reached' in down.stderr
+    assert down.returncode == 3 and 'the queue at REDIS_URL' in down.stderr
+    assert models.WorkerRun.get_by_id('sweep').outcome == 'failed'
 
 
 def test_the_periodic_sweep_runs_every_sweep_minutes():

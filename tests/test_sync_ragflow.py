@@ -6,14 +6,14 @@ import re
 
 import pytest
 from services import Consumer
+from services import cli
 from services import drain
 from services import job_state
 from services import make_message
 from services import make_user
 from services import ragflow_config
 from services import wait_for
-from test_consumer import cli
-from test_consumer import worker_env
+from services import worker_env
 
 import models
 import whitenote_huey
