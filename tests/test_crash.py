@@ -61,6 +61,22 @@ def crash_env(db, redis_server):
             'SWEEP_GRACE_SECONDS': '0.5', 'SWEEP_REQUEUE_SECONDS': '5'}
 
 
+@pytest.fixture
+def start_consumer(crash_env, tmp_path):
+    """Start a consumer (``huey_consumer`` OPTIONS) on this test's settings; any still
+    running when the test ends, passed or failed, is killed."""
+    consumers = []
+
+    def start(*options: str, env: dict | None = None, log: str = 'consumer') -> Consumer:
+        consumer = Consumer(env or crash_env, str(tmp_path), *options,
+                            log_path=str(tmp_path / ('%s.log' % log)))
+        consumers.append(consumer.start())
+        return consumer
+    yield start
+    for consumer in consumers:
+        consumer.stop(signal.SIGKILL)
+
+
 def people(model, ragflow, count: int = 5) -> dict:
     """Users who tag with the fake model and sync to a dataset of their own: {id: dataset}."""
     datasets = {}
@@ -109,15 +125,16 @@ def unfinished(messages: list[Message], datasets: dict, ragflow) -> list[str]:
 
 def wait_until_done(messages, datasets, ragflow, timeout: float = 120, sweep_env=None, cwd=None):
     """Wait for every message to be done; with ``sweep_env``, run ``whitenote-huey sweep``
-    between looks instead of waiting for the periodic pass."""
+    between looks instead of waiting for the periodic pass.  The tests check again once
+    the consumer has stopped: a late duplicate may still be running now (harmlessly)."""
     def done() -> bool:
         if sweep_env is not None:
             assert cli(sweep_env, cwd, 'sweep').returncode == 0
         return not unfinished(messages, datasets, ragflow)
     try:
         wait_for(done, timeout=timeout, interval=2 if sweep_env else 0.2, what='every message done')
-    finally:
-        assert unfinished(messages, datasets, ragflow) == []
+    except AssertionError:
+        raise AssertionError('not done: %s' % unfinished(messages, datasets, ragflow)[:5]) from None
 
 
 def model_calls(model, messages: list[Message]) -> dict[str, int]:
@@ -131,11 +148,10 @@ def model_calls(model, messages: list[Message]) -> dict[str, int]:
     return calls
 
 
-def test_a_consumer_killed_while_the_model_answers_loses_nothing(crash_env, model, ragflow, tmp_path):
+def test_a_consumer_killed_while_the_model_answers_loses_nothing(start_consumer, crash_env, model, ragflow, tmp_path):
     datasets = people(model, ragflow)
     model.default = tags('alpha', 'beta', delay=0.3)
-    first = started(Consumer(crash_env, str(tmp_path), '-w', '4', '-k', 'thread',
-                             log_path=str(tmp_path / 'first.log')).start())
+    first = started(start_consumer('-w', '4', '-k', 'thread', log='first'))
     messages = write(datasets, 50)
     enqueue_in_subprocess(crash_env, str(tmp_path), pairs(messages))
     wait_for(lambda: len(model.chat_requests()) >= 12, what='the consumer to be busy')
@@ -143,23 +159,23 @@ def test_a_consumer_killed_while_the_model_answers_loses_nothing(crash_env, mode
     assert first.process.returncode == -signal.SIGKILL
     cut_off = models.JobState.select().where(models.JobState.status == 'running').count()
     assert cut_off >= 1
-    second = Consumer(crash_env, str(tmp_path), '-w', '4', '-k', 'thread',
-                      log_path=str(tmp_path / 'second.log')).start()
+    second = start_consumer('-w', '4', '-k', 'thread', log='second')
     try:
         wait_until_done(messages, datasets, ragflow)
     finally:
         second.stop()
+    assert unfinished(messages, datasets, ragflow) == []
     calls = model_calls(model, messages)
     assert max(calls.values()) <= 2 and min(calls.values()) == 1
     assert '[sweep] after-leases pass' in second.log()
 
 
 @POSTGRESQL_ONLY
-def test_redis_killed_and_restarted_empty_with_200_in_flight(crash_env, redis_server, model, ragflow,
-                                                            tmp_path):
+def test_redis_killed_and_restarted_empty_with_200_in_flight(start_consumer, crash_env, redis_server, model,
+                                                            ragflow, tmp_path):
     datasets = people(model, ragflow)
     model.default = tags('alpha', 'beta', delay=0.05)
-    consumer = started(Consumer(crash_env, str(tmp_path), '-w', '4', '-k', 'thread').start())
+    consumer = started(start_consumer('-w', '4', '-k', 'thread'))
     try:
         messages = write(datasets, 200)
         enqueue_in_subprocess(crash_env, str(tmp_path), pairs(messages))
@@ -172,10 +188,11 @@ def test_redis_killed_and_restarted_empty_with_200_in_flight(crash_env, redis_se
         assert consumer.process.poll() is None  # it never exited
     finally:
         consumer.stop()
+    assert unfinished(messages, datasets, ragflow) == []
     assert max(model_calls(model, messages).values()) <= 2
 
 
-def test_flushall_with_100_jobs_queued(crash_env, redis_server, model, ragflow, tmp_path):
+def test_flushall_with_100_jobs_queued(start_consumer, crash_env, redis_server, model, ragflow, tmp_path):
     datasets = people(model, ragflow)
     messages = write(datasets, 100)
     enqueue_in_subprocess(crash_env, str(tmp_path), pairs(messages))
@@ -183,11 +200,12 @@ def test_flushall_with_100_jobs_queued(crash_env, redis_server, model, ragflow, 
     assert client.zcard(whitenote_huey.huey.storage.queue_key) == 200
     client.flushall()
     time.sleep(0.5)  # SWEEP_GRACE_SECONDS: the messages are the sweep's now
-    consumer = Consumer(crash_env, str(tmp_path), '-w', '4', '-k', 'thread', '-n').start()
+    consumer = start_consumer('-w', '4', '-k', 'thread', '-n')
     try:  # -n: no periodic task, so the start-up pass alone finds them
         wait_until_done(messages, datasets, ragflow)
     finally:
         consumer.stop()
+    assert unfinished(messages, datasets, ragflow) == []
     assert re.search(r'\[sweep\] start-up pass: \d+ job\(s\) enqueued \(0 lost runs, 200 new', consumer.log())
     assert max(model_calls(model, messages).values()) == 1
 
@@ -202,9 +220,9 @@ def insert_in_sql(db, author_id: str, message_id: str, content: str) -> None:
 
 
 @POSTGRESQL_ONLY
-def test_redis_down_while_messages_are_written(db, crash_env, redis_server, model, ragflow, tmp_path):
+def test_redis_down_while_messages_are_written(start_consumer, db, crash_env, redis_server, model, ragflow, tmp_path):
     datasets = people(model, ragflow, 2)
-    consumer = started(Consumer(crash_env, str(tmp_path), '-w', '4', '-k', 'thread').start())
+    consumer = started(start_consumer('-w', '4', '-k', 'thread'))
     try:
         redis_server.kill()
         messages = write(datasets, 10)
@@ -220,11 +238,11 @@ def test_redis_down_while_messages_are_written(db, crash_env, redis_server, mode
         assert consumer.process.poll() is None
     finally:
         consumer.stop()
-    assert len(messages) == 20
+    assert len(messages) == 20 and unfinished(messages, datasets, ragflow) == []
 
 
 @POSTGRESQL_ONLY
-def test_sigterm_during_a_job_loses_nothing(crash_env, model, ragflow, tmp_path):
+def test_sigterm_during_a_job_loses_nothing(start_consumer, crash_env, model, ragflow, tmp_path):
     datasets = people(model, ragflow, 2)
     messages = write(datasets, 6)
     model.default = tags('alpha', 'beta', delay=1.5)
@@ -244,38 +262,37 @@ def test_sigterm_during_a_job_loses_nothing(crash_env, model, ragflow, tmp_path)
     assert 'Shutdown timeout of 0.5s elapsed' in (tmp_path / 'run.log').read_text()
     assert models.JobState.select().where(models.JobState.status == 'running').count() >= 1
     model.default = tags('alpha', 'beta')
-    consumer = Consumer(crash_env, str(tmp_path), '-w', '2', '-k', 'thread').start()
+    consumer = start_consumer('-w', '2', '-k', 'thread')
     try:  # what was queued runs, what was cut off runs again once its lease is out
         wait_until_done(messages, datasets, ragflow)
     finally:
         consumer.stop()
+    assert unfinished(messages, datasets, ragflow) == []
     assert max(model_calls(model, messages).values()) <= 2
 
 
 @POSTGRESQL_ONLY
-def test_two_consumers_scheduling_periodic_tasks_make_one_briefing_each(db, crash_env, redis_server, model,
-                                                                      tmp_path):
+def test_two_consumers_scheduling_periodic_tasks_make_one_briefing_each(start_consumer, db, redis_server,
+                                                                      model):
     """Over a real briefing time (the scheduler checks periodic tasks once a minute, so
     this test takes a minute): one briefing per user; the periodic sweep runs too."""
     if datetime.datetime.now().second > 45:  # start well before the minute turns
         time.sleep(61 - datetime.datetime.now().second)
-    at = (datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=1)).strftime('%H:%M')
-    yesterday = models.utcnow() - datetime.timedelta(days=1)
-    users = [make_user(config=model_config(model, briefing_time=at, enable_auto_tag=False))
-             for _ in range(3)]
+    at = models.utcnow() + datetime.timedelta(minutes=1)  # the next minute, UTC (the zone here)
+    day = at.date() - datetime.timedelta(days=1)  # what a briefing at that time covers
+    users = [make_user(config=model_config(model, briefing_time=at.strftime('%H:%M'),
+                                           enable_auto_tag=False)) for _ in range(3)]
     for user in users:
-        make_message(user, 'a note of yesterday', yesterday.replace(hour=12))
+        make_message(user, 'a note of the day before', datetime.datetime.combine(day, datetime.time(12)))
     model.default = lambda request: (tags('alpha') if 'You tag short personal notes' in request.prompt
                                      else text(ANSWER, delay=0.3))
-    consumers = [Consumer(crash_env, str(tmp_path), '-w', '4', '-k', 'thread',
-                          log_path=str(tmp_path / ('consumer%d.log' % n))).start() for n in (1, 2)]
+    consumers = [start_consumer('-w', '4', '-k', 'thread', log='consumer%d' % n) for n in (1, 2)]
     try:
         for consumer in consumers:
             started(consumer)
         tagger = make_user(config=model_config(model, enable_briefing=False))
         late = models.new_id()
         insert_in_sql(db, tagger.id, late, 'written in SQL after the start-up passes')
-        day = (models.utcnow() - datetime.timedelta(days=1)).date()
         wait_for(lambda: all(getattr(Briefing.get_or_none((Briefing.user_id == user.id)
                                                           & (Briefing.day == day)), 'status', '')
                              == 'done' for user in users), timeout=150, what='the briefings')
@@ -304,7 +321,7 @@ def test_two_consumers_scheduling_periodic_tasks_make_one_briefing_each(db, cras
 
 
 @POSTGRESQL_ONLY
-def test_backoff_measured_on_the_real_consumer(crash_env, model, tmp_path):
+def test_backoff_measured_on_the_real_consumer(start_consumer, crash_env, model, tmp_path):
     """Three retries with growing, jittered delays, then a Retry-After honoured."""
     user = make_user(config=model_config(model, enable_briefing=False))
     flaky = make_message(user, 'fails three times')
@@ -316,8 +333,8 @@ def test_backoff_measured_on_the_real_consumer(crash_env, model, tmp_path):
         return script.pop(0) if script else tags('alpha')
 
     model.default = answer  # the start-up passes enqueue both messages, once
-    consumer = Consumer(dict(crash_env, SWEEP_REQUEUE_SECONDS='60'), str(tmp_path),
-                        '-w', '2', '-k', 'thread', '-n').start()
+    consumer = start_consumer('-w', '2', '-k', 'thread', '-n',
+                              env=dict(crash_env, SWEEP_REQUEUE_SECONDS='60'))
     try:
         wait_for(lambda: all(getattr(job_state('auto-tag', m.id), 'status', '') == 'done'
                              for m in (flaky, limited)), timeout=60, what='both messages tagged')
