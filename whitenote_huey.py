@@ -1667,16 +1667,18 @@ class Sweep:
                 self._configs[user_id] = AiConfig(user=user_id)
         return self._configs
 
-    def due_jobs(self, messages: list, span: bool = False) -> dict[str, list[DueJob]]:
-        """Per message (rows of SWEPT_FIELDS), the jobs it needs: of the kinds its author has on (as
-        enqueue_message_jobs decides), those with no outcome for its current input.
-        A message younger than SWEEP_GRACE_SECONDS is left to its direct enqueue.
-        ``span``: the messages are a slice of the primary key, and their rows are read
-        by that range of ids (an index range) rather than by a list of them."""
+    def due_jobs(self, messages: list, span: bool = False,
+                 older: float | None = None) -> dict[str, list[DueJob]]:
+        """Per message (rows of SWEPT_FIELDS), the jobs it needs: of the kinds its author
+        has on (as enqueue_message_jobs decides), those with no outcome for its current
+        input.  Only messages older than ``older`` seconds (SWEEP_GRACE_SECONDS: a
+        younger one is left to its direct enqueue).  ``span``: the messages are a slice
+        of the primary key, and their rows are read by that range of ids (an index
+        range) rather than by a list of them."""
         ids = [message.id for message in messages]
         span = (ids[0], ids[-1]) if span and ids else None
-        grace = self.now - datetime.timedelta(seconds=settings.sweep_grace)
-        messages = [message for message in messages if message.created_at < grace]
+        before = self.now - datetime.timedelta(seconds=settings.sweep_grace if older is None else older)
+        messages = [message for message in messages if message.created_at < before]
         ids = [message.id for message in messages]
         mine = JobState.message_id.between(*span) if span else JobState.message_id.in_(ids)
         states = {(state.kind, state.message_id): state for state in JobState
@@ -1703,11 +1705,11 @@ class Sweep:
                         DueJob(kind, message.id, message.author_id, state))
         return due
 
-    def enqueue_for(self, messages: list, count: str, priority: int = 0,
-                    span: bool = False) -> tuple | None:
+    def enqueue_for(self, messages: list, count: str, priority: int = 0, span: bool = False,
+                    older: float | None = None) -> tuple | None:
         """Enqueue what these messages need, in order, while the budget lasts; the last
         message dealt with in full (None: not even the first)."""
-        due = self.due_jobs(messages, span) if messages else {}
+        due = self.due_jobs(messages, span, older) if messages else {}
         done = None
         for message in messages:
             jobs = due.get(message.id, [])
@@ -1811,7 +1813,9 @@ class Sweep:
                         .limit(settings.sweep_scan_batch)
                         .namedtuples())
         self.counts['messages_scanned'] = len(messages)
-        done = self.enqueue_for(messages, 'changed', SCAN_PRIORITY, span=True)
+        # Messages of the lookback are recent_messages' part, every pass.
+        done = self.enqueue_for(messages, 'changed', SCAN_PRIORITY, span=True,
+                                older=settings.sweep_lookback)
         if messages and done is not messages[-1]:  # cut short by the budget
             position = done.id if done is not None else after
         elif len(messages) == settings.sweep_scan_batch:
