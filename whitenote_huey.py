@@ -1728,7 +1728,8 @@ class Sweep:
         requeue = datetime.timedelta(seconds=settings.sweep_requeue)
         lost = list(JobState
                     .select(*STATE_FIELDS)
-                    .where(JobState.status.in_(OPEN_STATUSES)
+                    .where(JobState.kind.in_(SWEEP_KINDS)
+                           & JobState.status.in_(OPEN_STATUSES)
                            & ((JobState.lease_until < self.now)
                               | (JobState.lease_until.is_null()
                                  & (JobState.updated_at < self.now - requeue))))
