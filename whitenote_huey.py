@@ -1180,6 +1180,13 @@ def remove_documents(endpoint: RagflowSettings, message_id: str, keep: str | Non
     return len(ids)
 
 
+def rename_document(endpoint: RagflowSettings, document_id: str, name: str) -> bool:
+    """Give the document its plain name back once the copies that held it are gone."""
+    answer = ragflow_call(endpoint, 'PUT', 'documents/%s' % quote(document_id, safe=''), 'rename',
+                          json={'name': name})
+    return answer['code'] == 0
+
+
 def parse_documents(endpoint: RagflowSettings, ids: list[str]) -> None:
     answer = ragflow_call(endpoint, 'POST', 'chunks', 'parse', json={'document_ids': ids})
     if answer['code'] != 0:
@@ -1933,6 +1940,9 @@ def sync_ragflow(user_id: str, message_id: str, task: Task | None = None) -> Non
         else:
             doc = upload_document(endpoint, document_name(message_id), text)
             removed = remove_documents(endpoint, message_id, keep=doc['id'])
+            if doc.get('name') != document_name(message_id):
+                if rename_document(endpoint, doc['id'], document_name(message_id)):
+                    doc['name'] = document_name(message_id)
             parse_documents(endpoint, [doc['id']])
             run.finish('done', 'uploaded %s, %d older document(s) removed'
                        % (doc.get('name'), removed), document_id=doc['id'],

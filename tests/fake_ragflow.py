@@ -539,7 +539,7 @@ class FakeRagflow:
                   body: bytes, parts: list[tuple[str, str | None, bytes]]) -> _Reply:
         routes = (
             (_DOCS_PATH, {"POST": self._upload, "GET": self._list, "DELETE": self._delete}),
-            (_DOC_PATH, {"GET": self._download}),
+            (_DOC_PATH, {"GET": self._download, "PUT": self._update}),
             (_CHUNKS_PATH, {"POST": self._parse}),
         )
         for pattern, handlers in routes:
@@ -735,6 +735,27 @@ class FakeRagflow:
                 return _result(message=f"Partially parsed {started} documents with {len(duplicates)} errors",
                                data={"success_count": started, "errors": duplicates})
             return _error(";".join(duplicates))
+        return _result()
+
+    def _update(self, dataset_id: str, document_id: str, request: dict[str, Any]) -> _Reply:
+        """``update_doc`` in ``api/apps/sdk/doc.py``, for a rename: same extension, unique name."""
+        try:
+            name = json.loads(request["body"] or b"{}").get("name")
+        except ValueError:
+            return _error("Invalid JSON body", ARGUMENT_ERROR)
+        with self._lock:
+            dataset = self._owned(dataset_id, request["key"])
+            if dataset is None:
+                return _error(f"You don't own the dataset {dataset_id}.")
+            doc = dataset["docs"].get(document_id)
+            if doc is None:
+                return _error("The dataset doesn't own the document.")
+            if name is not None and name != doc["name"]:
+                if PurePath(name).suffix.lower() != PurePath(doc["name"]).suffix.lower():
+                    return _error("The extension of file can't be changed", ARGUMENT_ERROR)
+                if any(d["name"] == name for d in dataset["docs"].values()):
+                    return _error("Duplicated document name in the same dataset.")
+                doc["name"] = name
         return _result()
 
     def _download(self, dataset_id: str, document_id: str, request: dict[str, Any]) -> _Reply:

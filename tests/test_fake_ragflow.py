@@ -324,3 +324,14 @@ def test_unknown_route_is_code_100(fake: FakeRagflow) -> None:
     assert response.status_code == 200
     assert response.json() == {"code": 100, "message": "<NotFound '404: Not Found'>", "data": None}
     assert [repr(e) for e in fake.errors] == ["<NotFound '404: Not Found'>"]
+
+
+def test_rename_keeps_names_unique_and_extensions(fake: FakeRagflow, ds: str) -> None:
+    first = fake.add_document(ds, "a.md", "a")["id"]
+    fake.add_document(ds, "b.md", "b")
+    url = f"{docs_url(fake, ds)}/{first}"
+    assert requests.put(url, headers=AUTH, json={"name": "b.md"}, timeout=5).json() == {
+        "code": 102, "message": "Duplicated document name in the same dataset."}
+    assert requests.put(url, headers=AUTH, json={"name": "a.txt"}, timeout=5).json()["code"] == 101
+    assert requests.put(url, headers=AUTH, json={"name": "c.md"}, timeout=5).json()["code"] == 0
+    assert sorted(d["name"] for d in fake.documents(ds)) == ["b.md", "c.md"]

@@ -115,12 +115,14 @@ def test_edit_uploads_before_deleting_and_ends_with_one_document(ragflow):
     [new] = ragflow.documents(ds)
     assert new['content'] == 'second version' and new['id'] != old['id']
     assert calls(ragflow) == [('POST', 'documents'), ('GET', 'documents'),
-                              ('DELETE', 'documents'), ('POST', 'chunks')]
+                              ('DELETE', 'documents'), ('PUT', new['id']), ('POST', 'chunks')]
     assert ragflow.requests[2].json == {'ids': [old['id']]}
-    assert ragflow.requests[3].json == {'document_ids': [new['id']]}
+    # RAGFlow named the upload "(1)" while the old copy held the plain name; once that
+    # copy is gone the document takes the plain name back.
+    assert ragflow.requests[3].json == {'name': 'message_%s.md' % message.id}
+    assert ragflow.requests[4].json == {'document_ids': [new['id']]}
     assert job_state('sync-ragflow', message.id).document_id == new['id']
-    # The old copy still held the plain name at upload time; the next edit takes it back.
-    assert new['name'] == 'message_%s(1).md' % message.id
+    assert new['name'] == 'message_%s.md' % message.id
     edit(message, 'third version')
     run_sync(user.id, message.id)
     assert [(d['name'], d['content']) for d in ragflow.documents(ds)] == [
