@@ -229,3 +229,27 @@ def test_enqueue_message_jobs_respects_enable_auto_tag(model):
     assert whitenote_huey.enqueue_message_jobs(on.id, make_message(on, 'x').id) == ['auto-tag']
     assert whitenote_huey.enqueue_message_jobs(off.id, make_message(off, 'y').id) == []
     assert len(whitenote_huey.huey) == 1
+
+
+def test_enqueue_message_jobs_uses_the_default_for_a_user_without_config():
+    user = make_user(config=None)
+    assert whitenote_huey.enqueue_message_jobs(user.id, make_message(user, 'z').id) == ['auto-tag']
+
+
+def test_tags_are_found_ignoring_case_and_created_once():
+    existing = models.Tag.upsert('Reading')
+    found = models.Tag.upsert_all(['reading', 'Travel', 'TRAVEL', '读书'])
+    assert [tag.name for tag in found] == ['Reading', 'Travel', 'Travel', '读书']
+    assert found[0].id == existing.id
+    assert models.Tag.select().count() == 3
+    assert models.Tag.upsert_all([]) == []
+
+
+def test_model_answer_whose_content_is_not_text_is_retried(model):
+    user = make_user(config=model_config(model))
+    message = make_message(user, 'odd answer')
+    model.respond(raw(json.dumps({'choices': [{'message': {'content': ['x']}}]}).encode()))
+    whitenote_huey.auto_tag(user.id, message.id)
+    whitenote_huey.huey.execute(whitenote_huey.huey.dequeue())
+    state = job_state('auto-tag', message.id)
+    assert state.status == 'retrying' and 'not text' in state.last_error
