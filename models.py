@@ -104,9 +104,13 @@ class AiConfig(BaseModel):
         table_name = 'AiConfig'
 
     @classmethod
-    def for_user(cls, user_id: str) -> 'AiConfig':
-        """The user's settings, or the web app's defaults when the user has no row."""
-        config = cls.get_or_none(cls.user == user_id)
+    def for_user(cls, user_id: str, *fields: Field) -> 'AiConfig':
+        """The user's settings, or the web app's defaults when the user has no row.
+
+        Given ``fields``, only those are read (the rest stay None): a job that needs
+        four of the 21 settings builds and parses a fifth of the query.
+        """
+        config = cls.select(*fields).where(cls.user == user_id).get_or_none()
         return config if config is not None else cls(user=user_id)
 
     @classmethod

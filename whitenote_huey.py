@@ -21,6 +21,7 @@ import random
 import re
 import secrets
 import sys
+import threading
 import time
 import unicodedata
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from zoneinfo import ZoneInfo
 from zoneinfo import ZoneInfoNotFoundError
 
 import openai
+import psycopg2.extensions
 from dotenv import load_dotenv
 from huey import PriorityRedisHuey
 from huey import SqliteHuey
@@ -156,9 +158,27 @@ def connect_database(url: str) -> SqliteDatabase | PostgresqlDatabase:
     if url.startswith('sqlite'):
         return SqliteDatabase(sqlite_path(url), pragmas={
             'journal_mode': 'wal', 'busy_timeout': 10000, 'foreign_keys': 1})
+    if 'gevent.monkey' in sys.modules and sys.modules['gevent.monkey'].is_module_patched('socket'):
+        psycopg2.extensions.set_wait_callback(_gevent_wait)
     params = parse_db_url(url, unquote_password=True, unquote_user=True)
     return PooledPostgresqlDatabase(params.pop('database'), max_connections=64,
                                     stale_timeout=300, timeout=30, **params)
+
+
+def _gevent_wait(connection, timeout: float | None = None) -> None:
+    """psycopg2 waits for the server through gevent, so greenlets run meanwhile."""
+    from gevent.socket import wait_read
+    from gevent.socket import wait_write
+    while True:
+        state = connection.poll()
+        if state == psycopg2.extensions.POLL_OK:
+            return
+        if state == psycopg2.extensions.POLL_READ:
+            wait_read(connection.fileno(), timeout=timeout)
+        elif state == psycopg2.extensions.POLL_WRITE:
+            wait_write(connection.fileno(), timeout=timeout)
+        else:
+            raise psycopg2.OperationalError('bad state from poll: %r' % state)
 
 
 def use_database(url: str) -> None:
@@ -379,9 +399,21 @@ def model_settings(config: AiConfig, model: str) -> ModelSettings | None:
     return None
 
 
-@functools.lru_cache(maxsize=64)
+_model_client_lock = threading.Lock()
+
+
 def model_client(base_url: str, api_key: str) -> openai.OpenAI:
-    """One client per endpoint and key, so connections are reused across jobs."""
+    """One client per endpoint and key, so connections are reused across jobs.
+
+    Made under a lock: 50 workers starting at once would otherwise each build one (an
+    SSL context and a connection pool apiece: tens of ms of CPU) and keep only one.
+    """
+    with _model_client_lock:
+        return _new_model_client(base_url, api_key)
+
+
+@functools.lru_cache(maxsize=64)
+def _new_model_client(base_url: str, api_key: str) -> openai.OpenAI:
     base = base_url.rstrip('/')
     if not base.endswith('/v1'):
         base += '/v1'
@@ -539,7 +571,8 @@ def auto_tag(user_id: str, message_id: str, task: Task | None = None) -> None:
         if message is None:
             run.finish('skipped', 'message no longer exists')
             return
-        config = AiConfig.for_user(message.author_id)
+        config = AiConfig.for_user(message.author_id, AiConfig.enable_auto_tag, AiConfig.auto_tag_model,
+                                   AiConfig.openai_base_url, AiConfig.openai_api_key)
         if not config.enable_auto_tag:
             run.finish('skipped', 'auto-tag is off for this user')
             return
