@@ -18,6 +18,7 @@ import time
 import common
 
 CHART = os.path.join(common.BENCH, 'model_wait.png')
+GOALS = {20: 1.25, 50: 1.5}  # wall time at most this many times the ideal
 
 
 def make_messages(fake, count: int, users: int = 50) -> list[tuple[str, str]]:
@@ -87,13 +88,19 @@ def chart(results: dict, jobs: int, delay: float) -> None:
     span = range(min(counts), max(counts) + 1)
     axes.plot(span, [jobs * delay / w for w in span], color='grey', linestyle='--',
               label='ideal: %d x %.1f s / workers' % (jobs, delay))
-    for (worker_type, by_count), marker in zip(sorted(results.items()), 'os^', strict=False):
+    goals = [(w, factor * jobs * delay / w) for w, factor in GOALS.items() if w in counts]
+    if goals:
+        axes.plot(*zip(*goals, strict=True), linestyle='none', marker='_', markersize=18, color='black',
+                  label='goal: %s' % ', '.join('%.2fx at %d' % (GOALS[w], w) for w, _ in goals))
+    for (worker_type, by_count), marker, offset in zip(sorted(results.items()), 'os^', (8, -14, 20),
+                                                       strict=False):
         xs = sorted(by_count)
         ys = [by_count[w]['wall'] for w in xs]
         axes.plot(xs, ys, marker=marker, label='%ss' % worker_type)
         for x, y in zip(xs, ys, strict=True):
             axes.annotate('%.2fx' % (y / (jobs * delay / x)), (x, y), textcoords='offset points',
-                          xytext=(6, 6), fontsize=8)
+                          xytext=(6, offset), fontsize=8)
+    axes.set_ylim(bottom=0)
     axes.set_xlabel('workers')
     axes.set_ylabel('wall time, seconds')
     axes.set_title('%d auto-tags, model answering in %d ms (lower is better)' % (jobs, delay * 1000))
@@ -133,7 +140,6 @@ def main() -> None:
                 results.setdefault(worker_type, {})[workers] = result
                 fake.requests.clear()
     ideal = {w: args.jobs * args.delay / w for w in args.workers}
-    goals = {20: 1.25, 50: 1.5}
     print('%d jobs, model answering in %.0f ms, run_consumer.sh with WORKERS and WORKER_TYPE'
           % (args.jobs, 1000 * args.delay))
     print('%-9s %7s %8s %8s %7s %9s %8s  %s' % ('type', 'workers', 'ideal s', 'wall s', 'x ideal',
@@ -141,7 +147,7 @@ def main() -> None:
     for worker_type, by_count in results.items():
         for workers, result in sorted(by_count.items()):
             ratio = result['wall'] / ideal[workers]
-            goal = goals.get(workers)
+            goal = GOALS.get(workers)
             verdict = '' if goal is None else 'within %.2fx: %s' % (goal, 'met' if ratio <= goal else 'MISSED')
             print('%-9s %7d %8.2f %8.2f %7.2f %9.2f %8.1f  %s' % (
                 worker_type, workers, ideal[workers], result['wall'], ratio, result['cpu'], result['rss'],
