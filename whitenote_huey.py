@@ -426,7 +426,7 @@ def ask_model(endpoint: ModelSettings, messages: list[dict], temperature: float 
 
     Posts through the openai client (its connections, auth, timeouts and errors) but
     reads the answer's JSON itself: the SDK's request transform and response model
-    cost about 1 ms of CPU per call, more than the rest of an auto-tag job's Python.
+    cost about 1 ms of CPU per call (bench/BENCHMARKS.md), for one string we need.
     """
     body = {'model': endpoint.model, 'messages': messages, 'temperature': temperature}
     try:

@@ -53,13 +53,10 @@ def last_finish(pairs: list) -> float:
     return calendar.timegm(latest.timetuple()) + latest.microsecond / 1e6
 
 
-def done(pairs: list) -> int:
+def done() -> int:
+    """Jobs done since the last reset: a cheap query, as the bench shares the fake model's CPU."""
     from models import JobState
-    return (JobState
-            .select()
-            .where(JobState.message_id.in_([message_id for _, message_id in pairs]) &
-                   (JobState.status == 'done'))
-            .count())
+    return JobState.select().where(JobState.status == 'done').count()
 
 
 def run(workdir: str, env: dict, warm_up: list, pairs: list, worker_type: str, workers: int) -> dict:
@@ -70,10 +67,10 @@ def run(workdir: str, env: dict, warm_up: list, pairs: list, worker_type: str, w
     with common.Consumer(workdir, env) as consumer:
         for user_id, message_id in warm_up:
             whitenote_huey.auto_tag(user_id, message_id)
-        common.wait_until(lambda: done(warm_up) == len(warm_up), 120, 0.02, what='the warm-up jobs')
+        common.wait_until(lambda: done() == len(warm_up), 120, 0.02, what='the warm-up jobs')
         cpu = consumer.cpu_seconds()
         started = enqueue_at_once(pairs)
-        common.wait_until(lambda: done(pairs) == len(pairs), 600, 0.02, what='every job done')
+        common.wait_until(lambda: done() == len(warm_up) + len(pairs), 600, 0.02, what='every job done')
         cpu = consumer.cpu_seconds() - cpu
         peak = consumer.peak_rss_mb()
     return {'wall': last_finish(pairs) - started, 'cpu': cpu, 'rss': peak}
