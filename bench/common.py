@@ -9,6 +9,7 @@ tests/fake_model.py.
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -59,6 +60,7 @@ def redis_server():
         if process.poll() is None:
             process.kill()
             process.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @contextlib.contextmanager
