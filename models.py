@@ -15,6 +15,7 @@ import time
 from peewee import BooleanField
 from peewee import CompositeKey
 from peewee import DatabaseProxy
+from peewee import DateField
 from peewee import DateTimeField
 from peewee import Field
 from peewee import ForeignKeyField
@@ -108,19 +109,10 @@ class AiConfig(BaseModel):
         """The user's settings, or the web app's defaults when the user has no row.
 
         Given ``fields``, only those are read (the rest stay None): a job that needs
-        four of the 21 settings builds and parses a fifth of the query.
+        a few of the 21 settings builds and parses a fraction of the query.
         """
         config = cls.select(*fields).where(cls.user == user_id).get_or_none()
         return config if config is not None else cls(user=user_id)
-
-    @classmethod
-    def setting(cls, user_id: str, field: Field):
-        """One of the user's settings, or its default when the user has no row.
-
-        A one-column read, several times cheaper than for_user(): for the request path.
-        """
-        value = cls.select(field).where(cls.user == user_id).scalar()
-        return field.default if value is None else value
 
 
 class Message(BaseModel):
@@ -151,14 +143,19 @@ class Tag(BaseModel):
 
     @classmethod
     def upsert(cls, name: str, color: str | None = None) -> 'Tag':
-        """The tag of that name (ignoring case), created if missing; safe under races."""
+        """The tag of that name (ignoring case), created if missing; safe under races.
+
+        ``color`` is given to a new tag, and to an existing one only if it has none:
+        a colour the user chose stays.
+        """
         return cls.upsert_all([name], color)[0]
 
     @classmethod
     def upsert_all(cls, names: list[str], color: str | None = None) -> list['Tag']:
         """The tags of these names (ignoring case), in order, created if missing.
 
-        One query when all exist, three when some are new; safe under races.
+        One query when all exist (and need no colour), three when some are new; safe
+        under races.  ``color`` as in upsert().
         """
         if not names:
             return []
@@ -176,11 +173,18 @@ class Tag(BaseModel):
         found = existing()
         missing = list({name.lower(): name for name in reversed(names)
                         if name.lower() not in found}.values())
+        uncoloured = [tag.id for tag in found.values() if not tag.color] if color else []
+        if uncoloured:
+            (cls
+             .update(color=color)
+             .where(cls.id.in_(uncoloured) & (cls.color.is_null() | (cls.color == '')))
+             .execute())
         if missing:
             (cls
              .insert_many([{'id': new_id(), 'name': name, 'color': color} for name in missing])
              .on_conflict_ignore()
              .execute())
+        if missing or uncoloured:
             found = existing()
         return [found.get(name.lower()) or cls.get(cls.name == name) for name in names]
 
@@ -315,7 +319,57 @@ class JobState(BaseModel):
         return cls.get((cls.kind == kind) & (cls.message_id == message_id))
 
 
-WORKER_MODELS = (JobState,)
+class Briefing(BaseModel):
+    """One user's daily briefing for one local day (the day it summarises).
+
+    The unique (user_id, day) row decides who makes the briefing: a run claims it
+    (status "running", its token in ``owner``, a lease), asks the model outside any
+    transaction, then writes the message and marks the row "done" in one transaction,
+    only while it still owns the row.  A claim whose lease ran out can be taken over,
+    and the run that lost it can no longer write.
+    """
+    user_id = TextField()
+    day = DateField()
+    status = TextField(default='pending', index=True)
+    owner = TextField(null=True)
+    attempts = IntegerField(default=0)
+    message_id = TextField(null=True)
+    covered = IntegerField(null=True)
+    total = IntegerField(null=True)
+    detail = TextField(null=True)
+    last_error = TextField(null=True)
+    lease_until = DateTimeField(null=True)
+    created_at = DateTimeField(default=utcnow)
+    updated_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = 'whitenote_huey_briefing'
+        indexes = ((('user_id', 'day'), True),)
+
+    @classmethod
+    def for_day(cls, user_id: str, day: datetime.date) -> 'Briefing':
+        """The row for this user and day, created if missing (races end in one row)."""
+        cls.insert(user_id=user_id, day=day).on_conflict_ignore().execute()
+        return cls.get((cls.user_id == user_id) & (cls.day == day))
+
+
+class WorkerRun(BaseModel):
+    """The last run of a named periodic activity, such as the sweep or the briefings.
+
+    One row per name, upserted: ``whitenote-huey status`` shows when each last ran.
+    """
+    name = TextField(primary_key=True)
+    started_at = DateTimeField(null=True)
+    finished_at = DateTimeField(null=True)
+    outcome = TextField(null=True)
+    counts = TextField(default='{}')
+    detail = TextField(null=True)
+
+    class Meta:
+        table_name = 'whitenote_huey_run'
+
+
+WORKER_MODELS = (JobState, Briefing, WorkerRun)
 
 
 def create_tables() -> list[str]:

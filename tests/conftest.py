@@ -22,6 +22,8 @@ os.environ.update({
     'WHITENOTE_SECRET': 'test-secret-not-for-production',
     'WHITENOTE_TIMEZONE': 'UTC',
     'HTTP_TIMEOUT': '2',
+    # A queue of this run's own, so test runs sharing a Redis never take each other's jobs.
+    'WHITENOTE_QUEUE': 'whitenote_test_%d' % os.getpid(),
 })
 for name in ('OPENAI_API_KEY', 'OPENAI_BASE_URL', 'AUTO_TAG_MODEL', 'RAGFLOW_BASE_URL',
              'RAGFLOW_API_KEY', 'RAGFLOW_DATASET_ID', 'REDIS_URL'):
@@ -30,6 +32,7 @@ if services.redis_reachable(services.REDIS_URL):
     os.environ['REDIS_URL'] = services.REDIS_URL
 
 from fake_model import FakeModel  # noqa: E402
+from fake_ragflow import FakeRagflow  # noqa: E402
 
 import models  # noqa: E402
 import whitenote_huey  # noqa: E402
@@ -79,4 +82,11 @@ def redis_queue():
 @pytest.fixture
 def model():
     with FakeModel(api_key='sk-test-model-key') as fake:
+        yield fake
+
+
+@pytest.fixture
+def ragflow():
+    """A fake RAGFlow server; give each user a dataset with services.ragflow_config."""
+    with FakeRagflow() as fake:
         yield fake

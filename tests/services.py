@@ -127,12 +127,31 @@ def model_config(fake, **extra) -> dict:
     return dict(openai_base_url=fake.url, openai_api_key=fake.api_key, **extra)
 
 
+def ragflow_config(fake, api_key: str | None = None, **extra) -> dict:
+    """AiConfig fields that give a user a new dataset of their own on a fake RAGFlow."""
+    api_key = api_key or 'ragflow-key-%d' % time.monotonic_ns()
+    return dict(ragflow_base_url=fake.url, ragflow_api_key=api_key,
+                ragflow_dataset_id=fake.add_dataset(api_key), **extra)
+
+
 def make_message(user, content: str, created_at: datetime.datetime | None = None, **fields):
     from models import Message
     from models import utcnow
     created_at = created_at or utcnow()
     return Message.create(author=user, content=content, created_at=created_at,
                           updated_at=created_at, **fields)
+
+
+def make_versions(message, times: list, ids: list | None = None) -> list[tuple]:
+    """Version rows of a message, inserted in the order given; their (createdAt, id)."""
+    from models import MessageVersion
+    from models import new_id
+    ids = ids or [new_id() for _ in times]
+    rows = [dict(id=version_id, message=message, content='version %d' % n, created_at=when)
+            for n, (when, version_id) in enumerate(zip(times, ids, strict=True))]
+    for start in range(0, len(rows), 500):
+        MessageVersion.insert_many(rows[start:start + 500]).execute()
+    return list(zip(times, ids, strict=True))
 
 
 def tag_names(message_id: str) -> list[str]:
@@ -181,12 +200,33 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1, what: str 
     raise AssertionError('timed out after %.0fs waiting for %s' % (timeout, what))
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
 def subprocess_env(env: dict) -> dict:
     """This process's environment for a worker subprocess; REDIS_URL only if ``env`` has it."""
     full = {k: v for k, v in os.environ.items() if k != 'REDIS_URL'}
     full['PYTHONPATH'] = ROOT
     full.update(env)
     return full
+
+
+def worker_env(db, redis: bool) -> dict:
+    """Settings for a worker subprocess on the test database ``db``, with Redis or not."""
+    env = {'DATABASE_URL': db.url, 'WHITENOTE_SECRET': os.environ['WHITENOTE_SECRET'], 'LOG_LEVEL': 'INFO'}
+    if redis:
+        env['REDIS_URL'] = os.environ['REDIS_URL']
+    return env
+
+
+def cli(env: dict, cwd: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m whitenote_huey ARGS`` in a subprocess."""
+    return subprocess.run([sys.executable, '-m', 'whitenote_huey', *args], cwd=cwd,
+                          env=subprocess_env(env),
+                          capture_output=True, text=True, timeout=60)
 
 
 class Consumer:

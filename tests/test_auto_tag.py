@@ -13,6 +13,7 @@ from services import make_message
 from services import make_user
 from services import model_config
 from services import tag_names
+from services import wait_for
 
 import models
 import whitenote_huey
@@ -253,3 +254,22 @@ def test_model_answer_whose_content_is_not_text_is_retried(model):
     whitenote_huey.huey.execute(whitenote_huey.huey.dequeue())
     state = job_state('auto-tag', message.id)
     assert state.status == 'retrying' and 'not text' in state.last_error
+
+
+def test_a_running_jobs_lease_is_renewed_while_it_runs(model, monkeypatch):
+    import threading
+    monkeypatch.setattr(whitenote_huey, 'settings', whitenote_huey.dataclasses.replace(
+        whitenote_huey.settings, job_lease=0.6))
+    user = make_user(config=model_config(model))
+    message = make_message(user, 'long job')
+    model.respond(tags('slowly', delay=1.5))
+    whitenote_huey.auto_tag(user.id, message.id)
+    worker = threading.Thread(target=drain, args=(whitenote_huey.huey,))
+    worker.start()
+    first = wait_for(lambda: getattr(job_state('auto-tag', message.id), 'lease_until', None),
+                     what='the job to take its lease')
+    renewed = wait_for(lambda: (job_state('auto-tag', message.id).lease_until or first) > first,
+                       what='the lease to be renewed')
+    worker.join()
+    state = job_state('auto-tag', message.id)
+    assert renewed and state.status == 'done' and state.lease_until is None

@@ -10,10 +10,11 @@ from fake_model import FakeModel
 from fake_model import tags
 from services import ROOT
 from services import Consumer
+from services import cli
 from services import job_state
-from services import subprocess_env
 from services import tag_names
 from services import wait_for
+from services import worker_env
 
 
 def insert_message_with_sql(db, user_id: str, message_id: str, content: str, config: dict) -> None:
@@ -30,19 +31,6 @@ def insert_message_with_sql(db, user_id: str, message_id: str, content: str, con
     placeholder = '?' if db.kind == 'sqlite' else '%s'
     for sql, params in statements:
         db.handle.execute_sql(sql.replace('%s', placeholder), params)
-
-
-def worker_env(db, redis: bool) -> dict:
-    env = {'DATABASE_URL': db.url, 'WHITENOTE_SECRET': os.environ['WHITENOTE_SECRET'], 'LOG_LEVEL': 'INFO'}
-    if redis:
-        env['REDIS_URL'] = os.environ['REDIS_URL']
-    return env
-
-
-def cli(env: dict, cwd: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, '-m', 'whitenote_huey', *args], cwd=cwd,
-                          env=subprocess_env(env),
-                          capture_output=True, text=True, timeout=60)
 
 
 def test_auto_tag_called_in_process_runs_on_the_consumer(db, redis_queue, tmp_path):
