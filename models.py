@@ -12,6 +12,7 @@ import secrets
 import threading
 import time
 
+from peewee import JOIN
 from peewee import BooleanField
 from peewee import CompositeKey
 from peewee import DatabaseProxy
@@ -113,6 +114,17 @@ class AiConfig(BaseModel):
         """
         config = cls.select(*fields).where(cls.user == user_id).get_or_none()
         return config if config is not None else cls(user=user_id)
+
+    @classmethod
+    def for_existing_user(cls, user_id: str, *fields: Field) -> 'AiConfig | None':
+        """for_user(), and in the same query whether the user exists: None if not."""
+        config = (User
+                  .select(User.id.alias('user_id'), cls.id, *(fields or (cls,)))
+                  .join(cls, JOIN.LEFT_OUTER, on=(cls.user == User.id))
+                  .where(User.id == user_id)
+                  .objects(cls)
+                  .get_or_none())
+        return config if config is None or config.id is not None else cls(user=user_id)
 
 
 class Message(BaseModel):
@@ -347,10 +359,10 @@ class Briefing(BaseModel):
         indexes = ((('user_id', 'day'), True),)
 
     @classmethod
-    def for_day(cls, user_id: str, day: datetime.date) -> 'Briefing':
-        """The row for this user and day, created if missing (races end in one row)."""
-        cls.insert(user_id=user_id, day=day).on_conflict_ignore().execute()
-        return cls.get((cls.user_id == user_id) & (cls.day == day))
+    def lookup(cls, user_id: str, day: datetime.date) -> 'Briefing':
+        """The row for this user and day, or a new unsaved one: one read, no write."""
+        row = cls.get_or_none((cls.user_id == user_id) & (cls.day == day))
+        return row if row is not None else cls(user_id=user_id, day=day)
 
 
 class WorkerRun(BaseModel):

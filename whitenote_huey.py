@@ -10,6 +10,7 @@ enqueue by calling a task, e.g. ``auto_tag(user_id, message_id)``.
 """
 import argparse
 import contextlib
+import copy
 import dataclasses
 import datetime
 import functools
@@ -27,6 +28,7 @@ import time
 import unicodedata
 from collections.abc import Callable
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 from urllib.parse import urlparse
 from zoneinfo import ZoneInfo
@@ -34,7 +36,6 @@ from zoneinfo import ZoneInfoNotFoundError
 
 import openai
 import psycopg2.extensions
-import requests
 from dotenv import load_dotenv
 from huey import PriorityRedisHuey
 from huey import SqliteHuey
@@ -42,6 +43,7 @@ from huey import crontab
 from huey.api import Huey
 from huey.api import Task
 from huey.serializer import SignedSerializer
+from huey.storage import RedisStorage
 from peewee import JOIN
 from peewee import SQL
 from peewee import DatabaseError
@@ -70,6 +72,9 @@ from models import WorkerRun
 from models import database
 from models import new_id
 from models import utcnow
+
+if TYPE_CHECKING:
+    import requests  # imported by the RAGFlow calls: a worker whose users have none saves 4 MB
 
 try:
     import prometheus_client
@@ -377,6 +382,28 @@ def make_huey(config: Settings) -> Huey:
 huey = make_huey(settings)
 
 
+def enqueue_all(tasks: list[Task], batch: int = 500) -> None:
+    """Enqueue many tasks; on Redis, one round trip per ``batch`` of them.
+
+    One round trip per task is slow where it matters: a worker thread that waits on
+    Redis gets the GIL back only when a busy thread lets go of it (every 5 ms), so
+    10,000 briefings enqueued one by one beside 49 busy workers took a minute.  Each
+    task is written by Huey's own storage code, into a pipeline (Huey's "enqueued"
+    signal is not sent: the worker listens for none).
+    """
+    storage = huey.storage
+    if huey.immediate or not isinstance(storage, RedisStorage):
+        for task in tasks:
+            huey.enqueue(task)
+        return
+    for start in range(0, len(tasks), batch):
+        piped = copy.copy(storage)
+        piped.conn = storage.conn.pipeline(transaction=False)
+        for task in tasks[start:start + batch]:
+            piped.enqueue(huey.serialize_task(task), task.priority)
+        piped.conn.execute()
+
+
 # Errors and retries.
 
 RETRIES = 3
@@ -558,32 +585,32 @@ class JobRun:
         self._record(status=status, last_error=error, lease_until=None)
 
     def _record(self, **fields) -> int:
-        """Write ``fields`` to this run's row, and to ``state`` if the row took them.
-
-        A row not saved yet (only JobState's, from load_state) is created by the same
-        statement, an upsert on kind+message_id; returns the rows written.
-        """
+        """Write ``fields`` to this run's row, and to ``state`` if the row took them."""
         fields['updated_at'] = utcnow()
-        if self.state.id is not None:
-            written = self.model.update(**fields).where(self.mine()).execute()
-        else:
-            state_id = (JobState
-                        .insert(kind=self.kind, message_id=self.message_id, user_id=self.user_id,
-                                **fields)
-                        .on_conflict(conflict_target=(JobState.kind, JobState.message_id),
-                                     preserve=[getattr(JobState, name) for name in fields])
-                        .execute())
-            if not database.returning_clause:  # SQLite: lastrowid is stale if the row existed
-                state_id = (JobState
-                            .select(JobState.id)
-                            .where((JobState.kind == self.kind)
-                                   & (JobState.message_id == self.message_id))
-                            .scalar())
-            self.state.id, written = state_id, 1
+        written = self._write(fields)
         if written:
             for name, value in fields.items():
                 setattr(self.state, name, value)
         return written
+
+    def _write(self, fields: dict) -> int:
+        """Update the row; one not saved yet is created by the same statement, an upsert
+        on kind+message_id.  Returns the rows written."""
+        if self.state.id is not None:
+            return self.model.update(**fields).where(self.mine()).execute()
+        state_id = (JobState
+                    .insert(kind=self.kind, message_id=self.message_id, user_id=self.user_id,
+                            **fields)
+                    .on_conflict(conflict_target=(JobState.kind, JobState.message_id),
+                                 preserve=[getattr(JobState, name) for name in fields])
+                    .execute())
+        if not database.returning_clause:  # SQLite: lastrowid is stale if the row existed
+            state_id = (JobState
+                        .select(JobState.id)
+                        .where((JobState.kind == self.kind) & (JobState.message_id == self.message_id))
+                        .scalar())
+        self.state.id = state_id
+        return 1
 
 
 @contextlib.contextmanager
@@ -992,15 +1019,16 @@ def ragflow_settings(config: AiConfig) -> RagflowSettings | None:
 _ragflow_local = threading.local()
 
 
-def ragflow_session() -> requests.Session:
+def ragflow_session() -> 'requests.Session':
     """This worker thread's session, so connections to RAGFlow are reused across jobs."""
+    import requests
     session = getattr(_ragflow_local, 'session', None)
     if session is None:
         session = _ragflow_local.session = requests.Session()
     return session
 
 
-def ragflow_answer(response: requests.Response, what: str) -> dict:
+def ragflow_answer(response: 'requests.Response', what: str) -> dict:
     """The checks every RAGFlow answer needs; returns the envelope ``{"code": ..., ...}``.
 
     RAGFlow reports most errors with HTTP 200 and a non-zero ``code``.  A refused key
@@ -1035,6 +1063,7 @@ def ragflow_answer(response: requests.Response, what: str) -> dict:
 
 def ragflow_call(endpoint: RagflowSettings, method: str, path: str, what: str, **kwargs) -> dict:
     """One call on the user's dataset, with the user's key and a timeout; its checked answer."""
+    import requests
     url = '%s/api/v1/datasets/%s/%s' % (endpoint.base_url.rstrip('/'),
                                         quote(endpoint.dataset_id, safe=''), path)
     headers = {'Authorization': 'Bearer %s' % endpoint.api_key}
@@ -1159,6 +1188,10 @@ BRIEFING_PROMPT = (
     '3. 🎯 今日建议：基于昨日内容，给出今天可以做的事情\n\n'
     '保持简洁，使用 markdown 格式。')
 BRIEFING_SEPARATOR = '\n---\n'
+# The AiConfig settings a briefing reads (model_settings and briefing_prompt included).
+BRIEFING_FIELDS = (AiConfig.enable_briefing, AiConfig.briefing_model, AiConfig.briefing_time,
+                   AiConfig.ai_personality, AiConfig.ai_expertise, AiConfig.openai_base_url,
+                   AiConfig.openai_api_key)
 
 
 def briefing_time(value: str | None) -> datetime.time | None:
@@ -1219,17 +1252,23 @@ def made_briefing_ids(user_id: str) -> ModelSelect:
             .where((Briefing.user_id == user_id) & Briefing.message_id.is_null(False)))
 
 
-def briefing_messages(user_id: str, day: datetime.date) -> list[Message]:
-    """The user's messages created on the local ``day``, oldest first, briefings left out."""
+def briefing_input(user_id: str, day: datetime.date) -> tuple[str | None, list[Message]]:
+    """In one query: the id of a briefing of ``day`` the user has already (the worker's
+    or the old code's), and the user's messages created on the local ``day``, oldest
+    first, briefings left out."""
     start, end = local_day_bounds(day)
-    return list(Message
-                .select(Message.id, Message.content, Message.created_at)
-                .where((Message.author == user_id)
-                       & (Message.created_at >= start)
-                       & (Message.created_at < end)
-                       & Message.id.not_in(made_briefing_ids(user_id))
-                       & ~Message.content.startswith(BRIEFING_TITLE))
-                .order_by(Message.created_at, Message.id))
+    title = briefing_title(day) + '\n'
+    found = list(Message
+                 .select(Message.id, Message.content, Message.created_at)
+                 .where((Message.author == user_id)
+                        & (Message.content.startswith(title)
+                           | ((Message.created_at >= start)
+                              & (Message.created_at < end)
+                              & Message.id.not_in(made_briefing_ids(user_id))
+                              & ~Message.content.startswith(BRIEFING_TITLE))))
+                 .order_by(Message.created_at, Message.id))
+    existing = next((message.id for message in found if message.content.startswith(title)), None)
+    return existing, [message for message in found if not message.content.startswith(title)]
 
 
 def within_budget(messages: list[Message], budget: int) -> list[Message]:
@@ -1323,25 +1362,48 @@ class BriefingRun(JobRun):
         super().__init__(kind, day, user_id)
 
     def load_state(self) -> Briefing:
-        return Briefing.for_day(self.user_id, self.day)
+        """The (user, day) row, or a new unsaved one: one read; claim() writes."""
+        return Briefing.lookup(self.user_id, self.day)
 
     def mine(self) -> Expression:
-        return (Briefing.id == self.state.id) & (Briefing.owner == self.token)
+        return ((Briefing.user_id == self.user_id) & (Briefing.day == self.day)
+                & (Briefing.owner == self.token))
 
     def claim(self, manual: bool = False) -> bool:
-        """Take the day unless it is done, settled (for a queued run) or held under a live lease."""
+        """Take the day unless it is done, settled (for a queued run) or held under a live lease.
+
+        One statement: a missing row is inserted already taken; an existing one is taken
+        by an UPDATE whose condition is that it is still free, so of two runs at once
+        only one proceeds.
+        """
         now = utcnow()
         lease = datetime.timedelta(seconds=max(120.0, 3 * settings.http_timeout))
         statuses = BRIEFING_OPEN + (('empty', 'failed') if manual else ())
-        claimed = (Briefing
-                   .update(status='running', owner=self.token, attempts=Briefing.attempts + 1,
-                           lease_until=now + lease, updated_at=now)
-                   .where((Briefing.id == self.state.id)
-                          & (Briefing.status.in_(statuses)
-                             | ((Briefing.status == 'running') & (Briefing.lease_until < now))))
-                   .execute())
-        self.state = Briefing.get_by_id(self.state.id)
-        return claimed == 1
+        taken = dict(status='running', owner=self.token, lease_until=now + lease, updated_at=now)
+        inserted = 0
+        if self.state.id is None:
+            inserted = (Briefing
+                        .insert(user_id=self.user_id, day=self.day, attempts=1, **taken)
+                        .on_conflict_ignore()
+                        .as_rowcount()
+                        .execute())
+        claimed = inserted or (Briefing  # an existing row, or one another run made meanwhile
+                               .update(attempts=Briefing.attempts + 1, **taken)
+                               .where((Briefing.user_id == self.user_id)
+                                      & (Briefing.day == self.day)
+                                      & (Briefing.status.in_(statuses)
+                                         | ((Briefing.status == 'running')
+                                            & (Briefing.lease_until < now))))
+                               .execute())
+        if claimed:
+            attempts = 1 if inserted else self.state.attempts + 1
+            for name, value in dict(taken, attempts=attempts).items():
+                setattr(self.state, name, value)
+        return bool(claimed)
+
+    def _write(self, fields: dict) -> int:
+        """Only while this run owns the row; a row it never took stays as it is."""
+        return self.model.update(**fields).where(self.mine()).execute()
 
     def publish(self, content: str, detail: str, **fields) -> bool:
         """In one transaction, if this run still owns the day: mark it done, write the
@@ -1647,22 +1709,17 @@ def daily_briefing(user_id: str, day: datetime.date, manual: bool = False,
     with job('daily-briefing', day.isoformat(), user_id, task, BriefingRun) as run:
         if not run.claim(manual):
             return run.outcome
-        if User.get_or_none(User.id == user_id) is None:
+        config = AiConfig.for_existing_user(user_id, *BRIEFING_FIELDS)
+        if config is None:
             run.finish('skipped', 'user no longer exists')
             return run.outcome
-        config = AiConfig.for_user(user_id)
         if not config.enable_briefing:
             run.finish('skipped', 'briefing is off for this user')
             return run.outcome
-        title = briefing_title(day)
-        existing = (Message
-                    .select(Message.id)
-                    .where((Message.author == user_id) & Message.content.startswith(title + '\n'))
-                    .first())
+        existing, messages = briefing_input(user_id, day)
         if existing is not None:
-            run.finish('done', 'a briefing of this day exists already', message_id=existing.id)
+            run.finish('done', 'a briefing of this day exists already', message_id=existing)
             return run.outcome
-        messages = briefing_messages(user_id, day)
         if not messages:
             run.finish('empty', 'no messages on %s: no briefing' % day)
             return run.outcome
@@ -1691,8 +1748,7 @@ def daily_briefing(user_id: str, day: datetime.date, manual: bool = False,
 def dispatch_briefings(now: datetime.datetime | None = None) -> list[str]:
     """Enqueue a daily_briefing task for each user whose briefing is due at ``now``."""
     day, due = due_briefings(now)
-    for user_id in due:
-        daily_briefing(user_id, day)
+    enqueue_all([daily_briefing.s(user_id, day) for user_id in due])
     if due:
         logger.info('[daily-briefing] %s: enqueued for %d user(s)', day, len(due))
     return due
