@@ -75,6 +75,23 @@ def postgres_database():
         services.drop_test_database(url)  # WITH (FORCE): ends this process's connections too
 
 
+@contextlib.contextmanager
+def worker_services():
+    """What a worker benchmark runs against: a redis-server, a PostgreSQL database holding
+    the worker's tables too, the fake model and a working directory, all its own, with
+    whitenote_huey in this process set up on them.  Yields the fake model, the working
+    directory and the settings a consumer needs."""
+    from fake_model import FakeModel
+    with redis_server() as redis_url, postgres_database() as database_url, \
+            FakeModel(api_key='sk-bench-model-key') as fake, \
+            tempfile.TemporaryDirectory(prefix='whitenote-bench-') as workdir:
+        worker_environment(database_url, redis_url)
+        import models
+        import whitenote_huey  # noqa: F401 - binds the models to the database
+        models.create_tables()
+        yield fake, workdir, {'DATABASE_URL': database_url, 'REDIS_URL': redis_url, 'WHITENOTE_SECRET': SECRET}
+
+
 def worker_environment(database_url: str, redis_url: str | None) -> None:
     """Settings for whitenote_huey in this process; call before importing it."""
     os.environ.update({'DATABASE_URL': database_url, 'WHITENOTE_SECRET': SECRET})
@@ -100,9 +117,11 @@ def run_consumer_options() -> list[str]:
 class Consumer:
     """A consumer subprocess: run_consumer.sh itself, or huey_consumer on a bench app."""
 
-    def __init__(self, cwd: str, env: dict, app: str | None = None, options: list | None = None):
+    def __init__(self, cwd: str, env: dict, app: str | None = None, options: list | None = None,
+                 args: list | None = None):
         self.cwd, self.env, self.app = cwd, env, app
         self.options = options if options is not None else run_consumer_options()
+        self.args = args or []  # more options for run_consumer.sh, after its own
         self.log_path = os.path.join(cwd, 'consumer-%s.log' % (app or 'worker'))
         self.process = None
 
@@ -111,7 +130,7 @@ class Consumer:
         env['PATH'] = BIN + os.pathsep + os.environ.get('PATH', '')
         env['PYTHONPATH'] = os.pathsep.join((ROOT, BENCH))
         if self.app is None:
-            command = [os.path.join(ROOT, 'run_consumer.sh')]
+            command = [os.path.join(ROOT, 'run_consumer.sh'), *self.args]
         else:
             command = [os.path.join(BIN, 'huey_consumer'), self.app, *self.options]
         self._log = open(self.log_path, 'ab')

@@ -15,7 +15,6 @@ import cProfile
 import os
 import pstats
 import sys
-import tempfile
 import time
 
 import common
@@ -27,7 +26,9 @@ def make_messages(fake, count: int, users: int = 20) -> list[tuple[str, str]]:
 
     from models import Message
     from models import utcnow
-    authors = [services.make_user(config=services.model_config(fake)) for _ in range(users)]
+    # The briefing off: the consumer's every-minute dispatcher then finds nothing to add.
+    authors = [services.make_user(config=services.model_config(fake, enable_briefing=False))
+               for _ in range(users)]
     rows = [{'author': authors[i % users].id, 'content': 'Note %d about reading, work and travel' % i,
              'created_at': utcnow(), 'updated_at': utcnow()} for i in range(count)]
     Message.insert_many(rows).execute()
@@ -132,19 +133,12 @@ def main() -> None:
     parser.add_argument('--profile', action='store_true')
     args = parser.parse_args()
     print(common.machine())
-    from fake_model import FakeModel
-    with common.redis_server() as redis_url, common.postgres_database() as database_url, \
-            FakeModel(api_key='sk-bench-model-key') as fake, \
-            tempfile.TemporaryDirectory(prefix='whitenote-bench-') as workdir:
-        common.worker_environment(database_url, redis_url)
-        import models
+    with common.worker_services() as (fake, workdir, env):
         import whitenote_huey
-        models.create_tables()
         pairs = make_messages(fake, 300 if args.profile else args.messages)
         if args.profile:
             profile(pairs)
             return
-        env = {'DATABASE_URL': database_url, 'REDIS_URL': redis_url, 'WHITENOTE_SECRET': common.SECRET}
         floors, drains, peaks, floor_cpu, worker_cpu = [], [], [], [], []
         for _ in range(args.rounds):
             seconds, cpu = run_floor(workdir, env, pairs)

@@ -12,7 +12,6 @@ import argparse
 import calendar
 import os
 import struct
-import tempfile
 import time
 
 import common
@@ -23,7 +22,9 @@ GOALS = {20: 1.25, 50: 1.5}  # wall time at most this many times the ideal
 
 def make_messages(fake, count: int, users: int = 50) -> list[tuple[str, str]]:
     import services
-    authors = [services.make_user(config=services.model_config(fake)) for _ in range(users)]
+    # The briefing off: the consumer's every-minute dispatcher then finds nothing to add.
+    authors = [services.make_user(config=services.model_config(fake, enable_briefing=False))
+               for _ in range(users)]
     return [(authors[i % users].id, services.make_message(authors[i % users], 'Note %d to tag' % i).id)
             for i in range(count)]
 
@@ -117,20 +118,12 @@ def main() -> None:
     parser.add_argument('--no-chart', action='store_true')
     args = parser.parse_args()
     print(common.machine())
-    from fake_model import FakeModel
     from fake_model import tags
     results = {}
-    with common.redis_server() as redis_url, common.postgres_database() as database_url, \
-            FakeModel(api_key='sk-bench-model-key') as fake, \
-            tempfile.TemporaryDirectory(prefix='whitenote-bench-') as workdir:
-        common.worker_environment(database_url, redis_url)
-        import models
-        import whitenote_huey  # noqa: F401 - binds the models to the database
-        models.create_tables()
+    with common.worker_services() as (fake, workdir, env):
         fake.default = tags('alpha', 'beta', delay=args.delay)
         pairs = make_messages(fake, args.jobs + 2 * max(args.workers))
         warm_up, pairs = pairs[args.jobs:], pairs[:args.jobs]
-        env = {'DATABASE_URL': database_url, 'REDIS_URL': redis_url, 'WHITENOTE_SECRET': common.SECRET}
         for worker_type in args.types:
             for workers in args.workers:
                 result = run(workdir, env, warm_up[:2 * workers], pairs, worker_type, workers)
