@@ -15,12 +15,14 @@ import dataclasses
 import datetime
 import functools
 import hashlib
+import ipaddress
 import json
 import logging
 import os
 import random
 import re
 import secrets
+import socket
 import sqlite3
 import sys
 import threading
@@ -30,6 +32,7 @@ from collections.abc import Callable
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 from urllib.parse import quote
+from urllib.parse import unquote
 from urllib.parse import urlparse
 from zoneinfo import ZoneInfo
 from zoneinfo import ZoneInfoNotFoundError
@@ -86,6 +89,10 @@ logger = logging.getLogger('huey.whitenote')
 
 # Settings.
 
+# any: per-user model and RAGFlow URLs may point anywhere; public: only at public addresses.
+URL_POLICIES = ('any', 'public')
+
+
 class SettingsError(ValueError):
     """A setting with a value the worker cannot use; the message names the setting."""
 
@@ -111,6 +118,7 @@ class Settings:
     log_format: str
     metrics_port: int
     metrics_addr: str
+    url_policy: str = 'any'
 
     @property
     def data_dir(self) -> str:
@@ -190,6 +198,10 @@ def load_settings(env: dict | None = None) -> Settings:
     log_level = (env.get('LOG_LEVEL', '').strip() or 'INFO').upper()
     if log_level not in ('DEBUG', 'INFO', 'WARNING', 'ERROR'):
         raise SettingsError('LOG_LEVEL: %r is not DEBUG, INFO, WARNING or ERROR' % log_level)
+    url_policy = env.get('WHITENOTE_URL_POLICY', '').strip().lower() or 'any'
+    if url_policy not in URL_POLICIES:
+        raise SettingsError('WHITENOTE_URL_POLICY: %r is not %s'
+                            % (env.get('WHITENOTE_URL_POLICY'), ' or '.join(URL_POLICIES)))
     ragflow_api_key = env.get('RAGFLOW_API_KEY', '').strip()
     ragflow_dataset_id = env.get('RAGFLOW_DATASET_ID', '').strip()
     if ragflow_api_key and not ragflow_dataset_id:
@@ -221,6 +233,7 @@ def load_settings(env: dict | None = None) -> Settings:
         log_format=log_format,
         metrics_port=_port(env, 'METRICS_PORT'),
         metrics_addr=env.get('METRICS_ADDR', '').strip() or '127.0.0.1',
+        url_policy=url_policy,
     )
 
 
@@ -380,6 +393,14 @@ def make_huey(config: Settings) -> Huey:
 
 
 huey = make_huey(settings)
+
+
+def queue_error(exc: Exception) -> str:
+    """A failure to use the queue, in words that name REDIS_URL but not its password."""
+    password = urlparse(settings.redis_url).password or ''
+    return 'the queue at REDIS_URL %s cannot be used: %s: %s' % (
+        _hide_password(settings.redis_url), type(exc).__name__,
+        redact(str(exc), password, unquote(password))[:300])
 
 
 def enqueue_all(tasks: list[Task], batch: int = 500) -> None:
@@ -787,12 +808,64 @@ def serve_metrics() -> None:
                     settings.metrics_port)
 
 
+_NAT64 = ipaddress.ip_network('64:ff9b::/96')
+
+
+def refused_address(address: str) -> str | None:
+    """Why WHITENOTE_URL_POLICY=public refuses this IP address ("loopback", ...), or None.
+
+    An IPv6 address that carries an IPv4 one (IPv4-mapped, 6to4, NAT64) is judged by it.
+    """
+    ip = ipaddress.ip_address(address)
+    if ip.version == 6:
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        ip = embedded or ip
+    for kind in ('loopback', 'link_local', 'multicast', 'unspecified', 'reserved', 'private'):
+        if getattr(ip, 'is_' + kind):
+            return kind.replace('_', '-')
+    return None if ip.is_global else 'non-global'
+
+
 def outbound_url(url: str, setting: str) -> str:
-    """A per-user service URL, checked before any request goes to it."""
-    parsed = urlparse(url.strip())
-    if parsed.scheme not in ('http', 'https') or not parsed.hostname:
-        raise PermanentError('%s %r is not an http(s) URL' % (setting, url[:100]))
-    return url.strip()
+    """A per-user service URL, checked before any request goes to it.
+
+    With WHITENOTE_URL_POLICY=public its host must resolve to public addresses only, so
+    a user cannot make the worker call the internal network (SSRF).  Known limit: the
+    HTTP client resolves the name again to connect, so a DNS server that answers a
+    public address here and a private one then (DNS rebinding) is not stopped.
+    """
+    url = url.strip()
+    parsed = urlparse(url)
+    try:
+        port = parsed.port or (443 if parsed.scheme == 'https' else 80)
+    except ValueError:
+        port = None
+    if parsed.scheme not in ('http', 'https') or not parsed.hostname or port is None:
+        raise PermanentError('%s %r is not an http(s) URL' % (setting, _hide_password(url)[:100]))
+    if settings.url_policy == 'public':
+        try:
+            infos = socket.getaddrinfo(parsed.hostname, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            raise TransientError('%s: host %r cannot be resolved: %s'
+                                 % (setting, parsed.hostname[:100], exc)) from None
+        for address in sorted({info[4][0] for info in infos}):
+            kind = refused_address(address)
+            if kind is not None:
+                where = address if address == parsed.hostname else '%s (%s)' % (parsed.hostname,
+                                                                                 address)
+                raise PermanentError('%s %r: %s is not a public address (%s), refused by '
+                                     'WHITENOTE_URL_POLICY=public'
+                                     % (setting, _hide_password(url)[:100], where, kind))
+    return url
+
+
+def redirect_refused(what: str, status: int, location: str | None, setting: str) -> PermanentError:
+    """The worker follows no redirect: it could lead anywhere, and a POST would be lost."""
+    return PermanentError('%s answered HTTP %d, a redirect to %s, which is not followed: '
+                          'set %s to the final URL' % (what, status,
+                                                       redact(location or '(nowhere)')[:200], setting))
 
 
 # The model client.
@@ -802,6 +875,7 @@ class ModelSettings:
     base_url: str
     api_key: str = dataclasses.field(repr=False)
     model: str
+    setting: str = 'OPENAI_BASE_URL'  # where base_url comes from, for error messages
 
 
 def model_settings(config: AiConfig, model: str, env_model: str) -> ModelSettings | None:
@@ -809,7 +883,7 @@ def model_settings(config: AiConfig, model: str, env_model: str) -> ModelSetting
     endpoint and ``env_model``, else None (offline)."""
     if config.openai_api_key:
         return ModelSettings(outbound_url(config.openai_base_url, 'AiConfig.openaiBaseUrl'),
-                             config.openai_api_key, model)
+                             config.openai_api_key, model, 'AiConfig.openaiBaseUrl')
     if settings.openai_api_key:
         return ModelSettings(settings.openai_base_url, settings.openai_api_key, env_model)
     return None
@@ -823,6 +897,7 @@ def model_client(base_url: str, api_key: str) -> openai.OpenAI:
 
     Made under a lock: 50 workers starting at once would otherwise each build one (an
     SSL context and a connection pool apiece: tens of ms of CPU) and keep only one.
+    The openai client follows redirects by default; this one does not (see redirect_refused).
     """
     with _model_client_lock:
         return _new_model_client(base_url, api_key)
@@ -834,7 +909,8 @@ def _new_model_client(base_url: str, api_key: str) -> openai.OpenAI:
     if not base.endswith('/v1'):
         base += '/v1'
     return openai.OpenAI(base_url=base, api_key=api_key, timeout=settings.http_timeout,
-                         max_retries=0)
+                         max_retries=0,
+                         http_client=openai.DefaultHttpxClient(follow_redirects=False))
 
 
 def ask_model(endpoint: ModelSettings, messages: list[dict], temperature: float = 0.2) -> str:
@@ -847,21 +923,24 @@ def ask_model(endpoint: ModelSettings, messages: list[dict], temperature: float 
     body = {'model': endpoint.model, 'messages': messages, 'temperature': temperature}
     try:
         answer = model_client(endpoint.base_url, endpoint.api_key).post(
-            '/chat/completions', body=body, cast_to=str)
+            '/chat/completions', body=body, cast_to=bytes)
     except openai.APIStatusError as exc:
         status = exc.status_code
+        if 300 <= status < 400:
+            raise redirect_refused('model endpoint', status, exc.response.headers.get('location'),
+                                   endpoint.setting) from None
         text = 'model endpoint answered HTTP %d: %s' % (status, str(exc.message)[:300])
         if status in (408, 409, 429) or status >= 500:
             raise TransientError(text, retry_after_seconds(exc.response.headers.get('retry-after'))) from None
         raise PermanentError(text) from None
     except openai.APIConnectionError as exc:
         raise TransientError('model endpoint unreachable: %s' % type(exc).__name__) from None
-    except openai.OpenAIError as exc:
+    except (openai.OpenAIError, ValueError) as exc:  # ValueError: not JSON, not UTF-8
         raise TransientError('model endpoint gave an unusable answer: %s' % type(exc).__name__) from None
     try:
         content = json.loads(answer)['choices'][0]['message']['content']
-    except ValueError:
-        raise TransientError('model endpoint gave an unusable answer: not JSON') from None
+    except ValueError as exc:  # not JSON, not UTF-8
+        raise TransientError('model endpoint gave an unusable answer: %s' % type(exc).__name__) from None
     except (KeyError, IndexError, TypeError):
         raise TransientError('model endpoint gave an answer with no choices') from None
     if content is not None and not isinstance(content, str):
@@ -995,21 +1074,29 @@ class RagflowSettings:
     base_url: str
     api_key: str = dataclasses.field(repr=False)
     dataset_id: str
+    setting: str = 'RAGFLOW_BASE_URL'  # where base_url comes from, for error messages
 
 
 # The settings ragflow_settings() reads, for callers that read only some of AiConfig.
 RAGFLOW_FIELDS = (AiConfig.ragflow_base_url, AiConfig.ragflow_api_key, AiConfig.ragflow_dataset_id)
 
 
-def ragflow_settings(config: AiConfig) -> RagflowSettings | None:
+def ragflow_settings(config: AiConfig, check: bool = True) -> RagflowSettings | None:
     """The user's dataset if their AI settings name a key and a dataset, else the environment's.
 
     ``enableRag`` is not consulted: it decides whether the web app's chat answers from
     RAGFlow, and keeping the dataset current means turning it on needs no backfill.
+    An empty ``ragflowBaseUrl`` means RAGFLOW_BASE_URL; another one is checked by
+    outbound_url (unless ``check`` is off: only to learn whether RAGFlow is configured).
     """
     if config.ragflow_api_key.strip() and config.ragflow_dataset_id.strip():
-        return RagflowSettings(config.ragflow_base_url.strip() or settings.ragflow_base_url,
-                               config.ragflow_api_key.strip(), config.ragflow_dataset_id.strip())
+        url, setting = config.ragflow_base_url.strip(), 'AiConfig.ragflowBaseUrl'
+        if not url:
+            url, setting = settings.ragflow_base_url, 'RAGFLOW_BASE_URL'
+        elif check:
+            url = outbound_url(url, setting)
+        return RagflowSettings(url, config.ragflow_api_key.strip(),
+                               config.ragflow_dataset_id.strip(), setting)
     if settings.ragflow_api_key and settings.ragflow_dataset_id:
         return RagflowSettings(settings.ragflow_base_url, settings.ragflow_api_key,
                                settings.ragflow_dataset_id)
@@ -1068,7 +1155,7 @@ def ragflow_call(endpoint: RagflowSettings, method: str, path: str, what: str, *
                                         quote(endpoint.dataset_id, safe=''), path)
     headers = {'Authorization': 'Bearer %s' % endpoint.api_key}
     try:
-        response = ragflow_session().request(method, url, headers=headers,
+        response = ragflow_session().request(method, url, headers=headers, allow_redirects=False,
                                              timeout=settings.http_timeout, **kwargs)
     except requests.Timeout:
         raise TransientError('RAGFlow %s timed out after %gs' % (what, settings.http_timeout)) from None
@@ -1077,6 +1164,9 @@ def ragflow_call(endpoint: RagflowSettings, method: str, path: str, what: str, *
             raise PermanentError('RAGFlow %s: unusable request (%s); check ragflowBaseUrl'
                                  % (what, type(exc).__name__)) from None
         raise TransientError('RAGFlow %s failed: %s' % (what, type(exc).__name__)) from None
+    if 300 <= response.status_code < 400:
+        raise redirect_refused('RAGFlow %s' % what, response.status_code,
+                               response.headers.get('Location'), endpoint.setting)
     return ragflow_answer(response, what)
 
 
@@ -1168,6 +1258,8 @@ BRIEFING_ANSWER_CHARS = 20000
 _BRIEFING_TIME = re.compile(r'\s*(\d{1,2}):(\d{2})\s*')
 _BRIEFING_TITLE_DAY = re.compile(re.escape(BRIEFING_TITLE) + r'(\d{4})/(\d{1,2})/(\d{1,2})')
 _MARKDOWN_HEADING = re.compile(r'^#{1,6}\s+')
+_CONTROL_CHARS = re.compile(r'[\x00-\x08\x0b-\x1f\x7f-\x9f]')  # C0 and C1, but tab and newline
+_SURROGATES = re.compile(r'[\ud800-\udfff]')
 
 # Outcomes after which the dispatcher leaves a day alone (a "retrying" day waits for
 # Huey's retry); a task also takes "empty" and "failed" days when run by hand.
@@ -1322,6 +1414,14 @@ def offline_briefing(covered: list[Message], messages: list[Message]) -> str:
         lines += ['', '🏷️ 常用标签：' + ', '.join('#%s (%d)' % (name, count) for name, count in tags)]
     lines += ['', '*离线生成，未使用 AI 模型 (made without a model: no API key is configured).*']
     return '\n'.join(lines)
+
+
+def briefing_text(answer: str) -> str:
+    """The model's answer as plain text any database takes: newlines as \\n, control
+    characters (NUL, terminal escapes) dropped, lone surrogates as U+FFFD, cut to size."""
+    text = answer.replace('\r\n', '\n').replace('\r', '\n')
+    text = _SURROGATES.sub('\ufffd', _CONTROL_CHARS.sub('', text))
+    return text.strip()[:BRIEFING_ANSWER_CHARS]
 
 
 def briefing_content(day: datetime.date, body: str, covered: int, total: int) -> str:
@@ -1649,7 +1749,7 @@ def sync_ragflow(user_id: str, message_id: str, task: Task | None = None) -> Non
 def enqueue_ragflow_sync(user_id: str, message_id: str, config: AiConfig) -> bool:
     """Enqueue sync_ragflow if the user has RAGFlow configured; never raises."""
     try:
-        if ragflow_settings(config) is None:
+        if ragflow_settings(config, check=False) is None:
             return False
         sync_ragflow(user_id, message_id)
         return True
@@ -1730,7 +1830,7 @@ def daily_briefing(user_id: str, day: datetime.date, manual: bool = False,
         else:
             run.secrets = (endpoint.api_key,)
             answer = ask_model(endpoint, briefing_prompt(config, covered, len(messages)), 0.7)
-            body = answer.replace('\x00', '').strip()[:BRIEFING_ANSWER_CHARS]
+            body = briefing_text(answer)
             if not body:
                 raise TransientError('model endpoint gave an empty briefing')
             how = 'model %s' % endpoint.model
@@ -1763,7 +1863,13 @@ def schedule_briefings() -> None:
 
 @huey.on_startup()
 def prepare_worker() -> None:
-    """Each worker makes sure the worker's tables exist before its first job."""
+    """Each worker makes sure the worker's tables exist before its first job, and says
+    plainly if the queue refuses it (a wrong password, TLS): Huey logs only tracebacks."""
+    if settings.redis_url:
+        try:
+            huey.storage.conn.ping()
+        except RedisError as exc:
+            logger.error(queue_error(exc))
     with database.connection_context():
         models.create_tables()
 
@@ -2196,12 +2302,22 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(log_formatter(settings))
     logging.basicConfig(level=settings.log_level, handlers=[handler])
     try:
+        database.connect(reuse_if_open=True)
+    except (DatabaseError, InterfaceError, sqlite3.Error) as exc:  # a wrong password, TLS, no server
+        print('whitenote-huey: cannot connect to DATABASE_URL %s: %s'
+              % (_hide_password(settings.database_url), redact(str(exc).strip())[:300]),
+              file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    try:
         with database.connection_context():
             if isinstance(database.obj, SqliteDatabase) and args.handler is not cmd_init_db:
                 models.create_tables()  # standalone: a fresh directory just works
             return args.handler(args)
     except (DatabaseError, InterfaceError, RedisError, sqlite3.Error) as exc:
-        text = redact('%s: %s' % (type(exc).__name__, exc))[:300]
+        if isinstance(exc, RedisError):
+            text = queue_error(exc)  # names REDIS_URL, without its password
+        else:
+            text = redact('%s: %s' % (type(exc).__name__, exc))[:300]
         if 'no such table' in text or 'does not exist' in text:
             text += ' (run whitenote-huey init-db to create the tables)'
         print('whitenote-huey: the database or the queue failed: %s' % text, file=sys.stderr)

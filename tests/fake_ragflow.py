@@ -64,7 +64,9 @@ empty", "data": false}`` (what every call gets with ``DISABLE_SDK`` set); ``malf
 serves normally (the effect happens even if the client gave up); ``drop_after_store`` serves the
 request (e.g. stores the upload) then closes the socket without answering; ``drop`` closes
 without doing anything; ``retry_after`` HTTP 429 (``status=503`` possible) with ``Retry-After:
-seconds`` (default 1).  ``code``/``message``/``body``/``status`` options override the defaults.
+seconds`` (default 1); ``redirect`` HTTP 307 (``status=302`` possible) to ``location`` (default
+``/``), as a proxy in front of RAGFlow might answer.  ``code``/``message``/``body``/``status``
+options override the defaults.
 
 Python API: ``FakeRagflow(port=0)``, ``start()`` / ``stop()`` / context manager, ``url``,
 ``add_dataset``, ``add_document`` (seed without HTTP), ``documents``, ``requests`` /
@@ -108,7 +110,7 @@ AUTHENTICATION_ERROR, UNAUTHORIZED, SERVER_ERROR = 109, 401, 500
 FILE_NAME_LEN_LIMIT = 255
 FAULT_KINDS = frozenset({
     "http500", "http502", "http401", "auth", "busy", "data_false", "malformed", "slow",
-    "drop_after_store", "drop", "retry_after",
+    "drop_after_store", "drop", "retry_after", "redirect",
 })
 _MODEL_FIELDS = frozenset({
     "id", "thumbnail", "kb_id", "parser_id", "pipeline_id", "parser_config", "source_type", "type",
@@ -524,6 +526,9 @@ class FakeRagflow:
                                 options.get("message", "`Authorization` can't be empty"), False)
         if kind == "malformed":
             return _Reply(200, options.get("body", '{"code": 0, "data": [{"id": "').encode())
+        if kind == "redirect":
+            return _Reply(int(options.get("status", 307)), b"", "text/html",
+                          {"Location": options.get("location", "/")})
         status = int(options.get("status", 429))
         seconds = options.get("seconds", 1)
         return _Reply(status, _NGINX_PAGE.format(_REASONS.get(status, str(status))).encode(), "text/html",

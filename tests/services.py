@@ -74,9 +74,9 @@ def _admin(statement: str) -> None:
         conn.close()
 
 
-def create_test_database() -> str:
+def create_test_database(suffix: str = '') -> str:
     """A new database named for this process, with the web app's schema applied."""
-    name = 'whitenote_test_%d' % os.getpid()
+    name = 'whitenote_test_%d%s' % (os.getpid(), suffix)
     _admin('DROP DATABASE IF EXISTS %s' % name)
     _admin('CREATE DATABASE %s' % name)
     url = urlparse(DATABASE_URL)._replace(path='/' + name).geturl()
@@ -263,3 +263,51 @@ class Consumer:
                 self.process.wait()
         self._log.close()
         return self.process.returncode
+
+
+class RedisServer:
+    """A redis-server of a test's own on a free port (password, TLS, persistence as asked).
+
+    ``options`` are redis-server arguments, e.g. ('--requirepass', 'secret').  With
+    ``tls`` (a dict of cert, key and ca file paths) it listens with TLS only.
+    """
+
+    def __init__(self, directory: str, *options: str, tls: dict | None = None):
+        self.directory = directory
+        self.options = options
+        self.tls = tls
+        self.port = free_port()
+        self.process = None
+
+    def start(self) -> 'RedisServer':
+        args = ['redis-server', '--bind', '127.0.0.1', '--dir', self.directory, '--save', '',
+                '--appendonly', 'no', '--logfile', os.path.join(self.directory, 'redis.log')]
+        if self.tls:
+            args += ['--port', '0', '--tls-port', str(self.port),
+                     '--tls-cert-file', self.tls['cert'], '--tls-key-file', self.tls['key'],
+                     '--tls-ca-cert-file', self.tls['ca'], '--tls-auth-clients', 'no']
+        else:
+            args += ['--port', str(self.port)]
+        self.process = subprocess.Popen([*args, *self.options], cwd=self.directory,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: self.process.poll() is not None or _port_open(
+            'redis://127.0.0.1:%d' % self.port, self.port), timeout=20, what='redis-server to listen')
+        if self.process.poll() is not None:
+            raise RuntimeError('redis-server exited with %s; see %s/redis.log'
+                               % (self.process.returncode, self.directory))
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> 'RedisServer':
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
