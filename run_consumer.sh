@@ -14,7 +14,14 @@ fi
 PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 export PATH PYTHONPATH
 
-exec huey_consumer whitenote_huey.huey \
+consumer=huey_consumer
+if [ "${WORKER_TYPE:-thread}" = greenlet ]; then
+    # Greenlets need gevent's patches in place before anything else is imported
+    # (install with: pip install 'whitenote-huey[greenlet]').
+    consumer="python3 -m gevent.monkey --module huey.bin.huey_consumer"
+fi
+
+exec $consumer whitenote_huey.huey \
     --workers "${WORKERS:-5}" \
     --worker-type "${WORKER_TYPE:-thread}" \
     --delay "${POLL_DELAY:-0.05}" \

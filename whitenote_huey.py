@@ -37,6 +37,7 @@ from zoneinfo import ZoneInfo
 from zoneinfo import ZoneInfoNotFoundError
 
 import openai
+import psycopg2.extensions
 import requests
 from dotenv import load_dotenv
 from huey import PriorityRedisHuey
@@ -294,9 +295,27 @@ def connect_database(url: str) -> SqliteDatabase | PostgresqlDatabase:
         # otherwise fail at once with "database is locked" instead of waiting.
         return SqliteDatabase(sqlite_path(url), lock_type='IMMEDIATE', pragmas={
             'journal_mode': 'wal', 'busy_timeout': 10000, 'foreign_keys': 1})
+    if 'gevent.monkey' in sys.modules and sys.modules['gevent.monkey'].is_module_patched('socket'):
+        psycopg2.extensions.set_wait_callback(_gevent_wait)
     params = parse_db_url(url, unquote_password=True, unquote_user=True)
     return PooledPostgresqlDatabase(params.pop('database'), max_connections=64,
                                     stale_timeout=300, timeout=30, **params)
+
+
+def _gevent_wait(connection, timeout: float | None = None) -> None:
+    """psycopg2 waits for the server through gevent, so other greenlets run meanwhile."""
+    from gevent.socket import wait_read
+    from gevent.socket import wait_write
+    while True:
+        state = connection.poll()
+        if state == psycopg2.extensions.POLL_OK:
+            return
+        if state == psycopg2.extensions.POLL_READ:
+            wait_read(connection.fileno(), timeout=timeout)
+        elif state == psycopg2.extensions.POLL_WRITE:
+            wait_write(connection.fileno(), timeout=timeout)
+        else:
+            raise psycopg2.OperationalError('bad state from poll: %r' % state)
 
 
 def use_database(url: str) -> None:

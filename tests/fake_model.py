@@ -148,6 +148,7 @@ class FakeModel:
 
         class Server(ThreadingHTTPServer):
             daemon_threads = True
+            request_queue_size = 128  # 50 workers connecting at once must not overflow the backlog
 
             def get_request(self):
                 connection, address = super().get_request()

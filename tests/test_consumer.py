@@ -121,3 +121,37 @@ def test_embedded_defaults_need_no_server(tmp_path):
         process.wait(30)
     assert (tmp_path / 'whitenote-queue.db').exists()
     assert oct((tmp_path / '.whitenote-secret').stat().st_mode)[-3:] == '600'
+
+
+def test_run_consumer_sh_runs_greenlet_workers(db, redis_queue, tmp_path):
+    """WORKER_TYPE=greenlet starts the consumer under gevent's patches; jobs run and finish."""
+    pytest.importorskip('gevent', reason="greenlet workers need gevent: pip install '.[greenlet]'")
+    import whitenote_huey
+    with FakeModel(api_key='sk-e2e-key-003') as model:
+        model.default = tags('green', delay=1.0)
+        for n in range(3):
+            insert_message_with_sql(db, 'u5-%d' % n, 'm5-%d' % n, 'greenlet job %d' % n,
+                                    {'base_url': model.url, 'api_key': model.api_key})
+        env = dict(os.environ, **worker_env(db, redis=True), WORKERS='3', WORKER_TYPE='greenlet',
+                   PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'])
+        log = open(tmp_path / 'run.log', 'wb')
+        process = subprocess.Popen([os.path.join(ROOT, 'run_consumer.sh')], cwd=str(tmp_path),
+                                   env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            for n in range(3):
+                whitenote_huey.auto_tag('u5-%d' % n, 'm5-%d' % n)
+            wait_for(lambda: all(tag_names('m5-%d' % n) == ['green'] for n in range(3)),
+                     what='tags from greenlet workers')
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(30) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+        output = (tmp_path / 'run.log').read_text()
+        assert 'started with 3 greenlet' in output, output[-2000:]
+        assert 'monkey-patch has not been applied' not in output
+        assert all(job_state('auto-tag', 'm5-%d' % n).status == 'done' for n in range(3))
+        # All three wait on the model together: unpatched greenlets would take turns,
+        # each request arriving only once the one before had its answer (1 s later).
+        starts = sorted(request.time for request in model.chat_requests())
+        assert starts[-1] - starts[0] < 1.0, starts
