@@ -83,6 +83,25 @@ def placeholders(count: int) -> str:
     return ', '.join('?' * count)
 
 
+@functools.cache
+def upsert_sql(table: str, columns: tuple[str, ...], conflict: tuple[str, ...],
+               updated: tuple[str, ...], param: str) -> str:
+    """INSERT of ``columns`` that, when a row with the same ``conflict`` columns exists,
+    sets its ``updated`` columns instead."""
+    return 'INSERT INTO "%s" (%s) VALUES (%s) ON CONFLICT (%s) DO UPDATE SET %s' % (
+        table, ', '.join('"%s"' % name for name in columns), ', '.join([param] * len(columns)),
+        ', '.join('"%s"' % name for name in conflict),
+        ', '.join('"%s" = excluded."%s"' % (name, name) for name in updated))
+
+
+@functools.cache
+def update_sql(table: str, columns: tuple[str, ...], where: tuple[str, ...], param: str) -> str:
+    """UPDATE setting ``columns`` of the rows whose ``where`` columns equal the values given."""
+    return 'UPDATE "%s" SET %s WHERE %s' % (
+        table, ', '.join('"%s" = %s' % (name, param) for name in columns),
+        ' AND '.join('"%s" = %s' % (name, param) for name in where))
+
+
 # WhiteNote's tables.
 
 class User(BaseModel):
@@ -131,6 +150,15 @@ class AiConfig(BaseModel):
         for config in cls.raw(sql('SELECT * FROM "AiConfig" WHERE "userId" = ?'), user_id):
             return config
         return cls(user=user_id)
+
+    @classmethod
+    def for_existing_user(cls, user_id: str) -> 'AiConfig | None':
+        """for_user(), and in the same query whether the user exists: None if not."""
+        for config in cls.raw(sql('SELECT "AiConfig".*, "User"."id" AS "found_user_id" FROM "User" '
+                                  'LEFT JOIN "AiConfig" ON "AiConfig"."userId" = "User"."id" '
+                                  'WHERE "User"."id" = ?'), user_id):
+            return config if config.id is not None else cls(user=user_id)
+        return None
 
 
 class Message(BaseModel):
@@ -395,21 +423,11 @@ class JobState(BaseModel):
     def write(cls, kind: str, message_id: str, user_id: str, **fields) -> int:
         """Set these columns of the job's row (``updated_at`` among them), making the row
         if it is missing: one statement.  Returns the number of rows written (1)."""
-        row = {'status': 'pending', 'attempts': 0, 'tags_added': '[]',
-               'created_at': fields['updated_at'], **fields}
-        cursor = database.execute_sql(_job_upsert(tuple(row), tuple(fields), database.param),
-                                      (kind, message_id, user_id, *row.values()))
-        return cursor.rowcount
-
-
-@functools.cache
-def _job_upsert(columns: tuple[str, ...], updated: tuple[str, ...], param: str) -> str:
-    """JobState.write's statement for one set of columns, built once."""
-    return ('INSERT INTO "whitenote_huey_job" ("kind", "message_id", "user_id", %s) VALUES (%s) '
-            'ON CONFLICT ("kind", "message_id") DO UPDATE SET %s' % (
-                ', '.join('"%s"' % column for column in columns),
-                ', '.join([param] * (len(columns) + 3)),
-                ', '.join('"%s" = excluded."%s"' % (column, column) for column in updated)))
+        row = {'kind': kind, 'message_id': message_id, 'user_id': user_id, 'status': 'pending',
+               'attempts': 0, 'tags_added': '[]', 'created_at': fields['updated_at'], **fields}
+        statement = upsert_sql(cls._meta.table_name, tuple(row), ('kind', 'message_id'),
+                               tuple(fields), database.param)
+        return database.execute_sql(statement, tuple(row.values())).rowcount
 
 
 class Briefing(BaseModel):
@@ -440,10 +458,39 @@ class Briefing(BaseModel):
         indexes = ((('user_id', 'day'), True),)
 
     @classmethod
-    def for_day(cls, user_id: str, day: datetime.date) -> 'Briefing':
-        """The row for this user and day, created if missing (races end in one row)."""
-        cls.insert(user_id=user_id, day=day).on_conflict_ignore().execute()
-        return cls.get((cls.user_id == user_id) & (cls.day == day))
+    def lookup(cls, user_id: str, day: datetime.date) -> 'Briefing':
+        """The row for this user and day, or a new unsaved one: one read, no write."""
+        for row in cls.raw(sql('SELECT * FROM "whitenote_huey_briefing" '
+                               'WHERE "user_id" = ? AND "day" = ?'), user_id, day):
+            return row
+        return cls(user_id=user_id, day=day)
+
+    @classmethod
+    def claim(cls, user_id: str, day: datetime.date, owner: str, statuses: tuple[str, ...],
+              now: datetime.datetime, lease_until: datetime.datetime) -> bool:
+        """Take the day for ``owner`` if its row is missing, in one of ``statuses``, or
+        running under a lease that ran out.  One atomic statement: of two runs at once,
+        one proceeds."""
+        cursor = database.execute_sql(sql(
+            'INSERT INTO "whitenote_huey_briefing" ("user_id", "day", "status", "owner", '
+            '"attempts", "lease_until", "created_at", "updated_at") '
+            "VALUES (?, ?, 'running', ?, 1, ?, ?, ?) "
+            'ON CONFLICT ("user_id", "day") DO UPDATE SET '
+            '"status" = excluded."status", "owner" = excluded."owner", '
+            '"attempts" = "whitenote_huey_briefing"."attempts" + 1, '
+            '"lease_until" = excluded."lease_until", "updated_at" = excluded."updated_at" '
+            'WHERE "whitenote_huey_briefing"."status" IN (%s) '
+            'OR ("whitenote_huey_briefing"."status" = \'running\' '
+            'AND "whitenote_huey_briefing"."lease_until" < ?)' % placeholders(len(statuses))),
+            (user_id, day, owner, lease_until, now, now, *statuses, now))
+        return cursor.rowcount == 1
+
+    @classmethod
+    def write(cls, user_id: str, day: datetime.date, owner: str, **fields) -> int:
+        """Set these columns of the day's row while ``owner`` holds it; 0 once it does not."""
+        statement = update_sql(cls._meta.table_name, tuple(fields), ('user_id', 'day', 'owner'),
+                               database.param)
+        return database.execute_sql(statement, (*fields.values(), user_id, day, owner)).rowcount
 
 
 class WorkerRun(BaseModel):

@@ -88,7 +88,7 @@ def profile(pairs: list) -> None:
         whitenote_huey.auto_tag(user_id, message_id)
     tasks = [huey.dequeue() for _ in pairs]
     whitenote_huey.prepare_worker()
-    profiler = cProfile.Profile()
+    profiler = cProfile.Profile(time.process_time)  # CPU time: what limits the drain
     started = time.perf_counter()
     profiler.enable()
     for task in tasks:

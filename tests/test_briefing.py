@@ -445,6 +445,20 @@ def test_briefing_already_made_by_the_old_code_is_not_made_again(model, zone):
     assert row(user).message_id == old.id
 
 
+def test_task_for_a_user_gone_or_with_the_briefing_off_is_skipped(model, zone):
+    tz = zone(SHANGHAI)
+    off = user_with_a_note(model, tz, enable_briefing=False)
+    gone = user_with_a_note(model, tz)
+    gone_id = gone.id
+    gone.delete_instance()
+    assert whitenote_huey.daily_briefing.call_local(off.id, DAY) == 'skipped'
+    assert whitenote_huey.daily_briefing.call_local(gone_id, DAY) == 'skipped'
+    assert 'briefing is off' in row(off).detail and briefings_of(off) == []
+    gone_row = Briefing.get((Briefing.user_id == gone_id) & (Briefing.day == DAY))
+    assert gone_row.status == 'skipped' and 'no longer exists' in gone_row.detail
+    assert model.chat_requests() == []
+
+
 # Failures.
 
 def test_one_users_failure_does_not_hold_up_another(model, zone):
