@@ -31,6 +31,7 @@ import time
 import unicodedata
 from collections.abc import Callable
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 from urllib.parse import unquote
 from urllib.parse import urlparse
@@ -39,7 +40,6 @@ from zoneinfo import ZoneInfoNotFoundError
 
 import openai
 import psycopg2.extensions
-import requests
 from dotenv import load_dotenv
 from huey import PriorityRedisHuey
 from huey import SqliteHuey
@@ -79,10 +79,8 @@ from models import database
 from models import new_id
 from models import utcnow
 
-try:
-    import prometheus_client
-except ImportError:  # the optional "metrics" extra
-    prometheus_client = None
+if TYPE_CHECKING:
+    import requests  # imported by the RAGFlow calls: a worker whose users have none saves 4 MB
 
 logger = logging.getLogger('huey.whitenote')
 
@@ -720,7 +718,7 @@ class Metrics:
     """
 
     def __init__(self):
-        client = prometheus_client
+        import prometheus_client as client  # the optional "metrics" extra
         self.registry = client.CollectorRegistry()
         self.jobs = client.Counter(
             'whitenote_jobs', 'Jobs run, by kind and outcome (done, unchanged, skipped, '
@@ -762,7 +760,20 @@ def oldest_pending_age() -> float | None:
     return max(0.0, (utcnow() - oldest.updated_at).total_seconds())
 
 
-metrics = Metrics() if prometheus_client is not None else None
+def make_metrics() -> Metrics | None:
+    """The metrics when METRICS_PORT is set and prometheus-client installed, else None.
+
+    Only then is prometheus-client imported: it adds some 10 MB to a worker's memory.
+    """
+    if not settings.metrics_port:
+        return None
+    try:
+        return Metrics()
+    except ImportError:
+        return None
+
+
+metrics = make_metrics()
 
 
 def count_job(kind: str, outcome: str, seconds: float) -> None:
@@ -791,6 +802,7 @@ def serve_metrics() -> None:
             logger.warning("METRICS_PORT is set but prometheus-client is not installed: no "
                            "metrics are served (pip install 'whitenote-huey[metrics]')")
             return
+        import prometheus_client
         try:
             prometheus_client.start_http_server(settings.metrics_port, settings.metrics_addr,
                                                 registry=metrics.registry)
@@ -1101,15 +1113,16 @@ def ragflow_settings(config: AiConfig, check: bool = True) -> RagflowSettings | 
 _ragflow_local = threading.local()
 
 
-def ragflow_session() -> requests.Session:
+def ragflow_session() -> 'requests.Session':
     """This worker thread's session, so connections to RAGFlow are reused across jobs."""
+    import requests
     session = getattr(_ragflow_local, 'session', None)
     if session is None:
         session = _ragflow_local.session = requests.Session()
     return session
 
 
-def ragflow_answer(response: requests.Response, what: str) -> dict:
+def ragflow_answer(response: 'requests.Response', what: str) -> dict:
     """The checks every RAGFlow answer needs; returns the envelope ``{"code": ..., ...}``.
 
     RAGFlow reports most errors with HTTP 200 and a non-zero ``code``.  A refused key
@@ -1144,6 +1157,7 @@ def ragflow_answer(response: requests.Response, what: str) -> dict:
 
 def ragflow_call(endpoint: RagflowSettings, method: str, path: str, what: str, **kwargs) -> dict:
     """One call on the user's dataset, with the user's key and a timeout; its checked answer."""
+    import requests
     url = '%s/api/v1/datasets/%s/%s' % (endpoint.base_url.rstrip('/'),
                                         quote(endpoint.dataset_id, safe=''), path)
     headers = {'Authorization': 'Bearer %s' % endpoint.api_key}

@@ -138,19 +138,37 @@ class Consumer:
                                         stderr=subprocess.STDOUT)
         return self
 
+    def pids(self) -> list[int]:
+        """The consumer's process and, with process workers, its children."""
+        found, todo = [], [self.process.pid]
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            with contextlib.suppress(OSError):
+                for task in os.listdir('/proc/%d/task' % pid):
+                    with open('/proc/%d/task/%s/children' % (pid, task)) as handle:
+                        todo += [int(child) for child in handle.read().split()]
+        return found
+
     def peak_rss_mb(self) -> float:
-        """The consumer's peak resident memory so far (VmHWM), in MB."""
-        with open('/proc/%d/status' % self.process.pid) as handle:
-            for line in handle:
-                if line.startswith('VmHWM:'):
-                    return int(line.split()[1]) / 1024
-        raise RuntimeError('no VmHWM for pid %d' % self.process.pid)
+        """The consumer's peak resident memory so far (VmHWM), in MB; with process workers,
+        the sum over its processes (which counts the pages they share once each)."""
+        total = 0.0
+        for pid in self.pids():
+            with contextlib.suppress(OSError), open('/proc/%d/status' % pid) as handle:
+                for line in handle:
+                    if line.startswith('VmHWM:'):
+                        total += int(line.split()[1]) / 1024
+        return total
 
     def cpu_seconds(self) -> float:
-        """User and system CPU time the consumer has used so far."""
-        with open('/proc/%d/stat' % self.process.pid) as handle:
-            fields = handle.read().rsplit(')', 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+        """User and system CPU time the consumer's processes have used so far."""
+        total = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError), open('/proc/%d/stat' % pid) as handle:
+                fields = handle.read().rsplit(')', 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf('SC_CLK_TCK')
 
     def stop(self) -> None:
         if self.process.poll() is None:

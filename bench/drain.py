@@ -109,20 +109,21 @@ def profile(pairs: list) -> None:
     for label, share in shares.items():
         print('  %-50s %5.1f%%' % (label, share))
     whole = shares.pop(PARTS[0][0])
-    print('  %-50s %5.1f%%' % ('rest of auto_tag (message read, BEGIN/COMMIT, ...)', whole - sum(shares.values())))
+    print('  %-50s %5.1f%%' % ('rest of auto_tag (BEGIN/COMMIT, hashing, parsing...)', whole - sum(shares.values())))
     print('  %-50s %5.1f%%' % ('Huey.execute around the task (signals, revoke key)', 100 - whole))
 
 
 PARTS = [
     ('the whole auto_tag task', ('whitenote_huey.py', 'auto_tag')),
     ('model call: openai client + HTTP (ask_model)', ('whitenote_huey.py', 'ask_model')),
-    ('pool checkout, with its SELECT 1 ping', ('pool.py', '_connect')),
+    ('pool checkout', ('pool.py', '_connect')),
     ('state row read (JobState.lookup)', ('models.py', 'lookup')),
+    ('message read (Message.content_of)', ('models.py', 'content_of')),
     ('settings read (AiConfig.for_user)', ('models.py', 'for_user')),
-    ("user's tag names for the prompt", ('whitenote_huey.py', 'user_tag_names')),
-    ('state write: running (JobRun.start)', ('whitenote_huey.py', 'start')),
+    ('claim: state written running (JobState.claim)', ('models.py', 'claim')),
+    ("user's tag names for the prompt (Tag.names_used_by)", ('models.py', 'names_used_by')),
     ('tag links (apply_auto_tags)', ('whitenote_huey.py', 'apply_auto_tags')),
-    ('state write: done (JobRun.finish)', ('whitenote_huey.py', 'finish')),
+    ('state written done (JobState.write)', ('models.py', 'write')),
 ]
 
 

@@ -461,14 +461,15 @@ def _scrape_or_none(port: int) -> str | None:
 def test_gauges_are_read_at_scrape_time():
     import prometheus_client
     user = make_user(config={})
-    page = prometheus_client.generate_latest(whitenote_huey.metrics.registry).decode()
+    registry = whitenote_huey.Metrics().registry  # this process has no METRICS_PORT
+    page = prometheus_client.generate_latest(registry).decode()
     assert sample(page, 'whitenote_queue_length') == 0
     assert sample(page, 'whitenote_oldest_pending_seconds') == 0
     for i in range(3):
         whitenote_huey.auto_tag(user.id, 'queued-%d' % i)
     state_row('auto-tag', 'queued-0', user.id, 'retrying',
               updated_at=utcnow() - datetime.timedelta(minutes=10))
-    page = prometheus_client.generate_latest(whitenote_huey.metrics.registry).decode()
+    page = prometheus_client.generate_latest(registry).decode()
     assert sample(page, 'whitenote_queue_length') == 3
     assert 590 < sample(page, 'whitenote_oldest_pending_seconds') < 3600
 
