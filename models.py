@@ -83,6 +83,11 @@ def placeholders(count: int) -> str:
     return ', '.join('?' * count)
 
 
+def like_prefix(text: str) -> str:
+    """A LIKE pattern (with ESCAPE '\\') matching what starts with ``text``."""
+    return text.replace('\\', '\\\\').replace('%', '\\%').replace('_', '\\_') + '%'
+
+
 @functools.cache
 def upsert_sql(table: str, columns: tuple[str, ...], conflict: tuple[str, ...],
                updated: tuple[str, ...], param: str) -> str:
@@ -176,6 +181,15 @@ class Message(BaseModel):
 
     class Meta:
         table_name = 'Message'
+
+    @classmethod
+    def add(cls, message_id: str, author_id: str, content: str, pinned: bool,
+            now: datetime.datetime) -> None:
+        """Insert a message the worker writes (a briefing), as the web app would."""
+        database.execute_sql(sql(
+            'INSERT INTO "Message" ("id", "content", "createdAt", "updatedAt", "isStarred", '
+            '"isPinned", "authorId") VALUES (?, ?, ?, ?, ?, ?, ?)'),
+            (message_id, content, now, now, False, pinned, author_id))
 
     @classmethod
     def content_of(cls, message_id: str) -> 'Message | None':

@@ -76,7 +76,9 @@ from models import Tag
 from models import User
 from models import WorkerRun
 from models import database
+from models import like_prefix
 from models import new_id
+from models import sql
 from models import utcnow
 
 if TYPE_CHECKING:
@@ -1354,28 +1356,22 @@ def briefing_users() -> ModelSelect:
             .tuples())
 
 
-def made_briefing_ids(user_id: str) -> ModelSelect:
-    """The ids of the briefing messages the worker made for this user, as a subquery."""
-    return (Briefing
-            .select(Briefing.message_id)
-            .where((Briefing.user_id == user_id) & Briefing.message_id.is_null(False)))
-
-
 def briefing_input(user_id: str, day: datetime.date) -> tuple[str | None, list[Message]]:
     """In one query: the id of a briefing of ``day`` the user has already (the worker's
     or one made before it, found by title), and the user's messages created on the
     local ``day``, oldest first, briefings left out."""
     start, end = local_day_bounds(day)
     title = briefing_title(day) + '\n'
-    found = list(Message
-                 .select(Message.id, Message.content, Message.created_at)
-                 .where((Message.author == user_id)
-                        & (Message.content.startswith(title)
-                           | ((Message.created_at >= start)
-                              & (Message.created_at < end)
-                              & Message.id.not_in(made_briefing_ids(user_id))
-                              & ~Message.content.startswith(BRIEFING_TITLE))))
-                 .order_by(Message.created_at, Message.id))
+    found = list(Message.raw(sql(
+        'SELECT "id", "content", "createdAt" FROM "Message" '
+        'WHERE "authorId" = ? '
+        'AND ("content" LIKE ? ESCAPE \'\\\' '
+        'OR ("createdAt" >= ? AND "createdAt" < ? '
+        'AND "content" NOT LIKE ? ESCAPE \'\\\' '
+        'AND "id" NOT IN (SELECT "message_id" FROM "whitenote_huey_briefing" '
+        'WHERE "user_id" = ? AND "message_id" IS NOT NULL))) '
+        'ORDER BY "createdAt", "id"'),
+        user_id, like_prefix(title), start, end, like_prefix(BRIEFING_TITLE), user_id))
     existing = next((message.id for message in found if message.content.startswith(title)), None)
     return existing, [message for message in found if not message.content.startswith(title)]
 
@@ -1453,13 +1449,14 @@ def unpin_earlier_briefings(user_id: str, day: datetime.date) -> bool:
     Returns False when a briefing of a later day is pinned: a late briefing of an
     earlier day does not push it off the top.
     """
-    pinned = (Message
-              .select(Message.id, Message.content)
-              .where((Message.author == user_id)
-                     & Message.is_pinned
-                     & (Message.id.in_(made_briefing_ids(user_id))
-                        | Message.content.startswith(BRIEFING_TITLE))))
-    days = {message.id: title_day(message.content) or datetime.date.min for message in pinned}
+    pinned = database.execute_sql(sql(
+        'SELECT "id", "content" FROM "Message" '
+        'WHERE "authorId" = ? AND "isPinned" '
+        'AND ("content" LIKE ? ESCAPE \'\\\' '
+        'OR "id" IN (SELECT "message_id" FROM "whitenote_huey_briefing" '
+        'WHERE "user_id" = ? AND "message_id" IS NOT NULL))'),
+        (user_id, like_prefix(BRIEFING_TITLE), user_id)).fetchall()
+    days = {message_id: title_day(content) or datetime.date.min for message_id, content in pinned}
     earlier = [message_id for message_id, other in days.items() if other < day]
     if earlier:
         (Message
@@ -1513,8 +1510,7 @@ class BriefingRun(JobRun):
                 self.outcome = 'unchanged'
                 return False
             pinned = unpin_earlier_briefings(self.user_id, self.day)
-            Message.create(id=message_id, author=self.user_id, content=content, is_pinned=pinned,
-                           created_at=now, updated_at=now)
+            Message.add(message_id, self.user_id, content, pinned, now)
             MessageTag.link(message_id, [Tag.upsert(BRIEFING_TAG, BRIEFING_TAG_COLOR).id])
         return True
 

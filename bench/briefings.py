@@ -10,7 +10,9 @@ runs with WORKERS and its periodic scheduler off (``-n``): the benchmark enqueue
 every 60 s while briefings are left (as the scheduler does every minute).  A warm-up
 of 2 x workers briefings of other users comes first.  Times from that enqueue to the
 last briefing recorded done, against the ideal users x delay / workers, and checks
-there is exactly one briefing per user and one model request per briefing.
+there is exactly one briefing per user and one model request per briefing.  Then Huey
+alone: the same consumer options on as many tasks that only wait as long as the model
+(bench/noop_app.py), against the same ideal.
 """
 import argparse
 import calendar
@@ -87,13 +89,17 @@ def main() -> None:
         import whitenote_huey
         fake.default = text(ANSWER, delay=args.delay)
         day = whitenote_huey.local_now().date() - datetime.timedelta(days=1)
-        warm_up = make_users(fake, 2 * args.workers, args.messages, day)
-        users = make_users(fake, args.users, args.messages, day)
-        print('%d users with %d messages each on %s, %d warm-up users' % (
-            len(users), args.messages, day, len(warm_up)))
         env = dict(env, WORKERS=str(args.workers), WORKER_TYPE=args.worker_type)
         huey = whitenote_huey.huey
         with common.Consumer(workdir, env, args=['-n']) as consumer:
+            # The users come once the consumer's start-up pass is over: it enqueues the
+            # briefings due when it runs, which would start them before the trigger.
+            common.wait_until(lambda: '[sweep] start-up pass' in consumer.log(), 120, 0.1,
+                              what="the consumer's start-up pass")
+            warm_up = make_users(fake, 2 * args.workers, args.messages, day)
+            users = make_users(fake, args.users, args.messages, day)
+            print('%d users with %d messages each on %s, %d warm-up users' % (
+                len(users), args.messages, day, len(warm_up)))
             for user_id in warm_up:
                 whitenote_huey.daily_briefing(user_id, day)
             common.wait_until(lambda: done(day) == len(warm_up), 300, 0.05, what='the warm-up briefings')
@@ -123,7 +129,21 @@ def main() -> None:
         assert briefings == total, 'briefing messages: %d, users: %d' % (briefings, total)
         assert Briefing.select().where(Briefing.status != 'done').count() == 0
         requests = len(fake.chat_requests())
+        retried = list(Briefing
+                       .select(Briefing.attempts, Briefing.last_error)
+                       .where((Briefing.day == day) & (Briefing.attempts > 1))
+                       .tuples())
+        errors = sorted({error for _, error in retried if error})
+        print('briefings tried more than once: %d%s' % (len(retried), ''.join(
+            '\n  ' + error[:200] for error in errors[:5])))
+        log = consumer.log()
+        print('consumer log: %d retries, %d errors' % (log.count(' will retry in '), log.count(' ERROR ')))
         assert requests == len(users), 'model requests: %d for %d briefings' % (requests, len(users))
+        import noop_app
+        options = common.run_consumer_options(WORKERS=str(args.workers), WORKER_TYPE=args.worker_type)
+        with common.Consumer(workdir, env, app='noop_app.huey', options=options):
+            noop_app.wait_floor(0.01, 2 * args.workers)  # warm-up
+            floor = noop_app.wait_floor(args.delay, args.users)
     ideal = args.users * args.delay / args.workers
     print('run_consumer.sh, WORKERS=%d WORKER_TYPE=%s, periodic scheduler off (-n), '
           'schedule_briefings enqueued by the benchmark %d time(s)' % (args.workers, args.worker_type, ticks))
@@ -132,6 +152,8 @@ def main() -> None:
     print('briefings %d, model requests %d, model answering in %.0f ms' % (args.users, requests, 1000 * args.delay))
     print('ideal %.1f s, wall %.1f s = %.2fx ideal (goal within %.1fx: %s)' % (
         ideal, wall, wall / ideal, GOAL, 'met' if wall / ideal <= GOAL else 'MISSED'))
+    print('Huey alone, the same consumer options, on %d tasks that only wait %.0f ms: %.1f s = %.2fx ideal'
+          % (args.users, 1000 * args.delay, floor, floor / ideal))
     print('consumer CPU %.1f s (%.2f ms per briefing), peak RSS %.1f MB' % (
         cpu, 1000 * cpu / args.users, peak))
 

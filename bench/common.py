@@ -89,7 +89,11 @@ def worker_services():
         import models
         import whitenote_huey  # noqa: F401 - binds the models to the database
         models.create_tables()
-        yield fake, workdir, {'DATABASE_URL': database_url, 'REDIS_URL': redis_url, 'WHITENOTE_SECRET': SECRET}
+        # The sweep leaves the benchmark's messages (all younger than an hour) to the jobs
+        # enqueued for them: a pass at start would otherwise add up to SWEEP_MAX_ENQUEUE
+        # copies of jobs still in the queue (bench/sweep.py measures the sweep).
+        yield fake, workdir, {'DATABASE_URL': database_url, 'REDIS_URL': redis_url,
+                              'WHITENOTE_SECRET': SECRET, 'SWEEP_GRACE_SECONDS': '3600'}
 
 
 def worker_environment(database_url: str, redis_url: str | None) -> None:
@@ -104,12 +108,13 @@ def worker_environment(database_url: str, redis_url: str | None) -> None:
         os.environ.pop('REDIS_URL', None)
 
 
-def run_consumer_options() -> list[str]:
-    """run_consumer.sh's own defaults (--workers 5 ...), so a bench app runs like the worker."""
+def run_consumer_options(**given: str) -> list[str]:
+    """run_consumer.sh's own options (--workers 5 ...), so a bench app runs like the worker;
+    ``given`` sets some as run_consumer.sh's variables would (WORKERS='50')."""
     with open(os.path.join(ROOT, 'run_consumer.sh')) as handle:
         text = handle.read()
-    pairs = re.findall(r'(--[\w-]+) "\$\{\w+:-([^}]*)\}"', text)
-    options = [part for pair in pairs for part in pair]
+    pairs = re.findall(r'(--[\w-]+) "\$\{(\w+):-([^}]*)\}"', text)
+    options = [part for option, name, default in pairs for part in (option, given.get(name, default))]
     assert '--workers' in options and '--delay' in options, 'run_consumer.sh changed shape'
     return options
 
@@ -131,6 +136,9 @@ class Consumer:
         env['PYTHONPATH'] = os.pathsep.join((ROOT, BENCH))
         if self.app is None:
             command = [os.path.join(ROOT, 'run_consumer.sh'), *self.args]
+        elif 'greenlet' in self.options:  # as run_consumer.sh starts greenlets
+            command = [os.path.join(BIN, 'python'), '-m', 'gevent.monkey', '--module',
+                       'huey.bin.huey_consumer', self.app, *self.options]
         else:
             command = [os.path.join(BIN, 'huey_consumer'), self.app, *self.options]
         self._log = open(self.log_path, 'ab')

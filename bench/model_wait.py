@@ -1,12 +1,13 @@
 """Waiting on the model: 500 auto-tags against a fake model that answers in 200 ms.
 
-    python bench/model_wait.py [--jobs 500] [--delay 0.2] [--workers 5 20 50] [--types thread greenlet]
+    python bench/model_wait.py [--jobs 500] [--delay 0.2] [--workers 5 20 50] [--types thread greenlet process]
 
 Starts its own redis-server, PostgreSQL database and fake model, then for each worker
 type and count runs run_consumer.sh (WORKERS, WORKER_TYPE), warms it up, puts all the
 jobs on the queue at once (one Redis pipeline) and times them until the last one is
 done (its finish time as the worker recorded it).  Prints wall time against the ideal
-jobs x delay / workers and draws bench/model_wait.png.
+jobs x delay / workers, and Huey alone on tasks that only wait as long (bench/noop_app.py,
+the same consumer options), and draws bench/model_wait.png.
 """
 import argparse
 import calendar
@@ -77,6 +78,15 @@ def run(workdir: str, env: dict, warm_up: list, pairs: list, worker_type: str, w
     return {'wall': last_finish(pairs) - started, 'cpu': cpu, 'rss': peak}
 
 
+def run_floor(workdir: str, env: dict, jobs: int, delay: float, worker_type: str, workers: int) -> float:
+    """Huey alone: the same consumer options on tasks that only wait ``delay`` (noop_app.wait)."""
+    import noop_app
+    options = common.run_consumer_options(WORKERS=str(workers), WORKER_TYPE=worker_type)
+    with common.Consumer(workdir, env, app='noop_app.huey', options=options):
+        noop_app.wait_floor(0.01, 2 * workers)  # warm-up
+        return noop_app.wait_floor(delay, jobs)
+
+
 def chart(results: dict, jobs: int, delay: float) -> None:
     import matplotlib
     matplotlib.use('Agg')
@@ -90,11 +100,14 @@ def chart(results: dict, jobs: int, delay: float) -> None:
     if goals:
         axes.plot(*zip(*goals, strict=True), linestyle='none', marker='_', markersize=18, color='black',
                   label='goal: %s' % ', '.join('%.2fx at %d' % (GOALS[w], w) for w, _ in goals))
-    for (worker_type, by_count), marker, offset in zip(sorted(results.items()), 'os^', (8, -14, 20),
-                                                       strict=False):
+    for (worker_type, by_count), marker, offset, color in zip(
+            sorted(results.items()), 'os^', (8, -14, 20), ('tab:blue', 'tab:orange', 'tab:green'),
+            strict=False):
         xs = sorted(by_count)
         ys = [by_count[w]['wall'] for w in xs]
-        axes.plot(xs, ys, marker=marker, label='%ss' % worker_type)
+        axes.plot(xs, ys, marker=marker, color=color, label='auto-tag, %ss' % worker_type)
+        axes.plot(xs, [by_count[w]['floor'] for w in xs], color=color, linestyle=':', linewidth=1,
+                  label='Huey alone (tasks that only wait), %ss' % worker_type)
         for x, y in zip(xs, ys, strict=True):
             axes.annotate('%.2fx' % (y / (jobs * delay / x)), (x, y), textcoords='offset points',
                           xytext=(6, offset), fontsize=8)
@@ -114,7 +127,7 @@ def main() -> None:
     parser.add_argument('--jobs', type=int, default=500)
     parser.add_argument('--delay', type=float, default=0.2)
     parser.add_argument('--workers', type=int, nargs='+', default=[5, 20, 50])
-    parser.add_argument('--types', nargs='+', default=['thread', 'greenlet'])
+    parser.add_argument('--types', nargs='+', default=['thread', 'greenlet', 'process'])
     parser.add_argument('--no-chart', action='store_true')
     args = parser.parse_args()
     print(common.machine())
@@ -127,21 +140,23 @@ def main() -> None:
         for worker_type in args.types:
             for workers in args.workers:
                 result = run(workdir, env, warm_up[:2 * workers], pairs, worker_type, workers)
+                result['floor'] = run_floor(workdir, env, args.jobs, args.delay, worker_type, workers)
                 results.setdefault(worker_type, {})[workers] = result
                 fake.requests.clear()
     ideal = {w: args.jobs * args.delay / w for w in args.workers}
     print('%d jobs, model answering in %.0f ms, run_consumer.sh with WORKERS and WORKER_TYPE'
           % (args.jobs, 1000 * args.delay))
-    print('%-9s %7s %8s %8s %7s %9s %8s  %s' % ('type', 'workers', 'ideal s', 'wall s', 'x ideal',
-                                                'CPU s', 'RSS MB', 'goal'))
+    print('%-9s %7s %8s %8s %7s %9s %9s %8s  %s' % ('type', 'workers', 'ideal s', 'wall s', 'x ideal',
+                                                     'Huey x', 'CPU s', 'RSS MB', 'goal'))
     for worker_type, by_count in results.items():
         for workers, result in sorted(by_count.items()):
             ratio = result['wall'] / ideal[workers]
             goal = GOALS.get(workers)
             verdict = '' if goal is None else 'within %.2fx: %s' % (goal, 'met' if ratio <= goal else 'MISSED')
-            print('%-9s %7d %8.2f %8.2f %7.2f %9.2f %8.1f  %s' % (
-                worker_type, workers, ideal[workers], result['wall'], ratio, result['cpu'], result['rss'],
-                verdict))
+            print('%-9s %7d %8.2f %8.2f %7.2f %9.2f %9.2f %8.1f  %s' % (
+                worker_type, workers, ideal[workers], result['wall'], ratio,
+                result['floor'] / ideal[workers], result['cpu'], result['rss'], verdict))
+    print('Huey x: Huey alone on tasks that only wait as long, same consumer options, x ideal')
     if not args.no_chart:
         chart(results, args.jobs, args.delay)
         print('chart: %s' % CHART)
