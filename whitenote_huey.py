@@ -18,6 +18,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import multiprocessing
 import operator
 import os
 import random
@@ -2169,20 +2170,20 @@ def prepare_worker() -> None:
         models.create_tables()
 
 
-_start_lock = threading.Lock()
-_start_sweeps: threading.Thread | None = None
+# Made at import, before huey_consumer starts its workers: process workers share it too.
+_sweeps_started = multiprocessing.Value('b', 0)
 
 
 @huey.on_startup()
 def sweep_at_start() -> None:
     """The consumer's first worker starts the start-up sweeps in a thread of their own,
-    so no worker waits for them (the hook runs once per worker)."""
-    global _start_sweeps
-    with _start_lock:
-        if _start_sweeps is not None:
+    so no worker waits for them; the hook runs in every worker, thread or process, and
+    the others leave it at that: one start-up pass per consumer, not one per worker."""
+    with _sweeps_started.get_lock():
+        if _sweeps_started.value:
             return
-        _start_sweeps = threading.Thread(target=start_sweeps, name='sweep-at-start', daemon=True)
-    _start_sweeps.start()
+        _sweeps_started.value = 1
+    threading.Thread(target=start_sweeps, name='sweep-at-start', daemon=True).start()
 
 
 def start_sweeps() -> None:

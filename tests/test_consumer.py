@@ -4,6 +4,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 
 import pytest
 from fake_model import FakeModel
@@ -155,3 +156,25 @@ def test_run_consumer_sh_runs_greenlet_workers(db, redis_queue, tmp_path):
         # each request arriving only once the one before had its answer (1 s later).
         starts = sorted(request.time for request in model.chat_requests())
         assert starts[-1] - starts[0] < 1.0, starts
+
+
+@pytest.mark.parametrize('worker_type', ['thread', 'process'])
+def test_one_start_up_pass_per_consumer_whatever_the_workers(db, redis_queue, tmp_path, worker_type):
+    """Huey runs start-up hooks in every worker; the start-up sweep runs once per consumer."""
+    env = dict(os.environ, **worker_env(db, redis=True), WORKERS='3', WORKER_TYPE=worker_type,
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'])
+    log_path = tmp_path / 'run.log'
+    with open(log_path, 'wb') as log:
+        process = subprocess.Popen([os.path.join(ROOT, 'run_consumer.sh')], cwd=str(tmp_path),
+                                   env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: '[sweep] start-up pass' in log_path.read_text(), what='the start-up pass')
+        wait_for(lambda: log_path.read_text().count('started with 3 %s' % worker_type) == 1,
+                 what='the consumer to start its workers')
+        time.sleep(2)  # time for other workers' passes, were there any
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert log_path.read_text().count('[sweep] start-up pass') == 1, log_path.read_text()[-3000:]
