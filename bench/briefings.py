@@ -72,7 +72,7 @@ def dispatches(log: str) -> list[tuple[float, int]]:
     seconds = [float(s) for s in re.findall(r'schedule_briefings: \S+ executed in ([\d.]+)s', log)]
     counts = [int(n) for n in re.findall(r'\[daily-briefing\] \S+: enqueued for (\d+) user', log)]
     counts += [0] * (len(seconds) - len(counts))  # a run that found none due logs no count
-    return list(zip(seconds, counts, strict=True))
+    return list(zip(seconds, counts[len(counts) - len(seconds):], strict=True))  # not a start-up pass's
 
 
 def main() -> None:

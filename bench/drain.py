@@ -7,15 +7,13 @@ Each round fills the queue, then starts a consumer and times it from its first d
 to its last job done: once Huey's consumer on a no-op task (bench/noop_app.py: the
 worker's storage, serializer and task options, run_consumer.sh's options), once
 run_consumer.sh itself on auto_tag jobs.  Also reports the worker consumer's peak
-memory over its run.  ``--profile`` instead runs the auto-tag jobs in this process,
-one after another, under cProfile, to show where a job's time goes.
+memory over its run.  ``--profile`` instead samples the consumer draining auto-tag
+jobs with py-spy (from bench/requirements.txt; it attaches to another process, which
+needs root or ptrace permission), to show where its CPU goes.
 """
 import argparse
-import cProfile
 import os
-import pstats
-import sys
-import time
+import subprocess
 
 import common
 
@@ -80,50 +78,59 @@ def run_worker(workdir: str, env: dict, pairs: list) -> tuple[float, float, floa
     return finished - started, cpu, peak
 
 
-def profile(pairs: list) -> None:
+def profile(workdir: str, env: dict, pairs: list, seconds: float = 15) -> None:
+    """Sample the consumer draining auto-tag jobs with py-spy: where its CPU time goes.
+
+    Only samples of a thread holding the GIL count (--gil), so time spent waiting on
+    PostgreSQL, Redis or the model is left out: what remains is the CPU that limits
+    the drain.  Each sample goes to the first part of PARTS its stack passes through.
+    """
     import whitenote_huey
     reset_worker_state()
-    huey = whitenote_huey.huey
     for user_id, message_id in pairs:
         whitenote_huey.auto_tag(user_id, message_id)
-    tasks = [huey.dequeue() for _ in pairs]
-    whitenote_huey.prepare_worker()
-    profiler = cProfile.Profile(time.process_time)  # CPU time: what limits the drain
-    started = time.perf_counter()
-    profiler.enable()
-    for task in tasks:
-        huey.execute(task)
-    profiler.disable()
-    elapsed = time.perf_counter() - started
-    assert done_count() == len(pairs)
-    print('%d jobs in one thread under cProfile: %.2f ms each' % (len(pairs), 1000 * elapsed / len(pairs)))
-    stats = pstats.Stats(profiler, stream=sys.stdout)
-    stats.sort_stats('cumulative').print_stats(40)
-    stats.sort_stats('tottime').print_stats(25)
-    cumulative = {}
-    for (filename, _, name), (_, _, _, cumtime, _) in stats.stats.items():
-        key = (os.path.basename(filename), name)
-        cumulative[key] = cumulative.get(key, 0) + cumtime
-    print("Where a job's time goes (cumulative time, share of the whole run):")
-    shares = {label: 100 * cumulative.get(key, 0) / elapsed for label, key in PARTS}
-    for label, share in shares.items():
-        print('  %-50s %5.1f%%' % (label, share))
-    whole = shares.pop(PARTS[0][0])
-    print('  %-50s %5.1f%%' % ('rest of auto_tag (BEGIN/COMMIT, hashing, parsing...)', whole - sum(shares.values())))
-    print('  %-50s %5.1f%%' % ('Huey.execute around the task (signals, revoke key)', 100 - whole))
+    huey, total = whitenote_huey.huey, len(pairs)
+    output = os.path.join(workdir, 'profile.txt')
+    with common.Consumer(workdir, env) as consumer:
+        common.wait_until(lambda: huey.pending_count() < total, 60, what='the first dequeue')
+        subprocess.run([os.path.join(common.BIN, 'py-spy'), 'record', '--pid', str(consumer.process.pid),
+                        '--gil', '--nonblocking', '--rate', '250', '--duration', str(int(seconds)),
+                        '--format', 'raw', '--output', output], check=True, capture_output=True)
+        left = huey.pending_count()
+    if left == 0:
+        raise SystemExit('the queue ran dry while sampling: give more --messages')
+    shares, samples = {}, 0
+    with open(output) as handle:
+        for line in handle:
+            stack, _, count = line.rstrip().rpartition(' ')
+            label = next((label for label, frame in PARTS if frame in stack), 'the rest')
+            shares[label] = shares.get(label, 0) + int(count)
+            samples += int(count)
+    print('%d samples of the consumer holding the GIL over %d s, %d jobs left in the queue'
+          % (samples, seconds, left))
+    print("Where the consumer's CPU goes while it drains auto-tag jobs:")
+    for label, _ in PARTS + [('the rest', '')]:
+        print('  %-58s %5.1f%%' % (label, 100 * shares.get(label, 0) / samples))
 
 
+# In order: a sample counts for the first part whose frame its stack passes through.
 PARTS = [
-    ('the whole auto_tag task', ('whitenote_huey.py', 'auto_tag')),
-    ('model call: openai client + HTTP (ask_model)', ('whitenote_huey.py', 'ask_model')),
-    ('pool checkout', ('pool.py', '_connect')),
-    ('state row read (JobState.lookup)', ('models.py', 'lookup')),
-    ('message read (Message.content_of)', ('models.py', 'content_of')),
-    ('settings read (AiConfig.for_user)', ('models.py', 'for_user')),
-    ('claim: state written running (JobState.claim)', ('models.py', 'claim')),
-    ("user's tag names for the prompt (Tag.names_used_by)", ('models.py', 'names_used_by')),
-    ('tag links (apply_auto_tags)', ('whitenote_huey.py', 'apply_auto_tags')),
-    ('state written done (JobState.write)', ('models.py', 'write')),
+    ('model call: openai client, HTTP, JSON (ask_model)', 'ask_model (whitenote_huey'),
+    ('logging (the job\'s and Huey\'s lines)', 'Logger.'),
+    ('state row read (JobState.lookup)', 'JobState.lookup'),
+    ('message read (Message.content_of)', 'Message.content_of'),
+    ('settings read (AiConfig.for_user)', 'AiConfig.for_user'),
+    ('claim: state written running (JobState.claim)', 'JobState.claim'),
+    ("user's tag names for the prompt (Tag.names_used_by)", 'Tag.names_used_by'),
+    ("message's tags (MessageTag.links_of)", 'MessageTag.links_of'),
+    ('tags by name (Tag.upsert_all)', 'Tag.upsert_all'),
+    ('links written (MessageTag.link)', 'MessageTag.link '),
+    ('state written done (JobState.write)', 'JobState.write'),
+    ('BEGIN and COMMIT', '_transaction.'),
+    ('connection from the pool and back', 'ConnectionContext.'),
+    ('rest of the job (hashing, prompt, parsing, bookkeeping)', 'auto_tag (whitenote_huey'),
+    ('Huey around the job (revoke check, signals, timing)', 'Huey._execute'),
+    ('Huey fetching the job (BZPOPMIN, unsign, unpickle)', 'Worker.loop'),
 ]
 
 
@@ -136,9 +143,9 @@ def main() -> None:
     print(common.machine())
     with common.worker_services() as (fake, workdir, env):
         import whitenote_huey
-        pairs = make_messages(fake, 300 if args.profile else args.messages)
+        pairs = make_messages(fake, args.messages)
         if args.profile:
-            profile(pairs)
+            profile(workdir, env, pairs)
             return
         floors, drains, peaks, floor_cpu, worker_cpu = [], [], [], [], []
         for _ in range(args.rounds):

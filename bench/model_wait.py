@@ -91,7 +91,7 @@ def chart(results: dict, jobs: int, delay: float) -> None:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=110)
+    figure, axes = plt.subplots(figsize=(8, 5), dpi=110)
     counts = sorted({workers for by_count in results.values() for workers in by_count})
     span = range(min(counts), max(counts) + 1)
     axes.plot(span, [jobs * delay / w for w in span], color='grey', linestyle='--',
@@ -100,24 +100,23 @@ def chart(results: dict, jobs: int, delay: float) -> None:
     if goals:
         axes.plot(*zip(*goals, strict=True), linestyle='none', marker='_', markersize=18, color='black',
                   label='goal: %s' % ', '.join('%.2fx at %d' % (GOALS[w], w) for w, _ in goals))
-    for (worker_type, by_count), marker, offset, color in zip(
-            sorted(results.items()), 'os^', (8, -14, 20), ('tab:blue', 'tab:orange', 'tab:green'),
-            strict=False):
-        xs = sorted(by_count)
-        ys = [by_count[w]['wall'] for w in xs]
-        axes.plot(xs, ys, marker=marker, color=color, label='auto-tag, %ss' % worker_type)
+    plural = {'thread': 'threads', 'greenlet': 'greenlets', 'process': 'processes'}
+    colors = iter(('tab:blue', 'tab:orange', 'tab:green', 'tab:red'))
+    for (worker_type, by_count), marker in zip(sorted(results.items()), 'os^v', strict=False):
+        color, xs = next(colors), sorted(by_count)
+        name = plural.get(worker_type, worker_type)
+        axes.plot(xs, [by_count[w]['wall'] for w in xs], marker=marker, color=color,
+                  label='auto-tag, %s (x ideal: %s)' % (name, ', '.join(
+                      '%.2f' % (by_count[w]['wall'] / (jobs * delay / w)) for w in xs)))
         axes.plot(xs, [by_count[w]['floor'] for w in xs], color=color, linestyle=':', linewidth=1,
-                  label='Huey alone (tasks that only wait), %ss' % worker_type)
-        for x, y in zip(xs, ys, strict=True):
-            axes.annotate('%.2fx' % (y / (jobs * delay / x)), (x, y), textcoords='offset points',
-                          xytext=(6, offset), fontsize=8)
-    axes.set_ylim(bottom=0)
+                  label='Huey alone, %s, tasks that only wait' % name)
+    axes.set_ylim(0, 1.1 * max(by_count[w]['wall'] for by_count in results.values() for w in by_count))
     axes.set_xlabel('workers')
     axes.set_ylabel('wall time, seconds')
     axes.set_title('%d auto-tags, model answering in %d ms (lower is better)' % (jobs, delay * 1000))
     axes.set_xticks(counts)
     axes.grid(True, alpha=0.3)
-    axes.legend()
+    axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(CHART)
 

@@ -9,6 +9,7 @@ request is recorded with its arrival time.
 import dataclasses
 import json
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -149,6 +150,10 @@ class FakeModel:
         class Server(ThreadingHTTPServer):
             daemon_threads = True
             request_queue_size = 128  # 50 workers connecting at once must not overflow the backlog
+
+            def handle_error(self, request, client_address):
+                if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+                    super().handle_error(request, client_address)  # a client that hung up is no error
 
             def get_request(self):
                 connection, address = super().get_request()
