@@ -415,32 +415,44 @@ class JobState(BaseModel):
 
     @classmethod
     def claim(cls, kind: str, message_id: str, user_id: str, input_hash: str,
-              now: datetime.datetime, lease_until: datetime.datetime) -> bool:
+              now: datetime.datetime, lease_until: datetime.datetime, exists: bool) -> bool:
         """Mark the job running for this input unless a live run holds its row (status
-        running, lease not yet over); the row is made if missing.  One atomic statement,
-        so two workers on one message cannot both proceed."""
-        cursor = database.execute_sql(sql(
-            'INSERT INTO "whitenote_huey_job" ("kind", "message_id", "user_id", "status", '
-            '"content_hash", "attempts", "tags_added", "lease_until", "created_at", "updated_at") '
-            "VALUES (?, ?, ?, 'running', ?, 1, '[]', ?, ?, ?) "
-            'ON CONFLICT ("kind", "message_id") DO UPDATE SET '
-            '"status" = excluded."status", "content_hash" = excluded."content_hash", '
-            '"attempts" = "whitenote_huey_job"."attempts" + 1, '
-            '"lease_until" = excluded."lease_until", "updated_at" = excluded."updated_at" '
-            'WHERE "whitenote_huey_job"."status" != \'running\' '
-            'OR "whitenote_huey_job"."lease_until" IS NULL '
-            'OR "whitenote_huey_job"."lease_until" <= ?'),
-            (kind, message_id, user_id, input_hash, lease_until, now, now, now))
-        return cursor.rowcount == 1
+        running, lease not yet over); a missing row is made already claimed.  One atomic
+        statement, so two workers on one message cannot both proceed.  ``exists``: the
+        row was read, so a plain UPDATE does (an upsert takes a number of the id
+        sequence on PostgreSQL each time, even when the row is there)."""
+        free = ('"status" != \'running\' OR "lease_until" IS NULL OR "lease_until" <= ?')
+        if exists:
+            statement = ('UPDATE "whitenote_huey_job" SET "status" = \'running\', "content_hash" = ?, '
+                         '"attempts" = "attempts" + 1, "lease_until" = ?, "updated_at" = ? '
+                         'WHERE "kind" = ? AND "message_id" = ? AND (%s)' % free)
+            params = (input_hash, lease_until, now, kind, message_id, now)
+        else:
+            statement = (
+                'INSERT INTO "whitenote_huey_job" ("kind", "message_id", "user_id", "status", '
+                '"content_hash", "attempts", "tags_added", "lease_until", "created_at", "updated_at") '
+                "VALUES (?, ?, ?, 'running', ?, 1, '[]', ?, ?, ?) "
+                'ON CONFLICT ("kind", "message_id") DO UPDATE SET '
+                '"status" = excluded."status", "content_hash" = excluded."content_hash", '
+                '"attempts" = "whitenote_huey_job"."attempts" + 1, '
+                '"lease_until" = excluded."lease_until", "updated_at" = excluded."updated_at" '
+                'WHERE %s' % free.replace('"status"', '"whitenote_huey_job"."status"')
+                .replace('"lease_until"', '"whitenote_huey_job"."lease_until"'))
+            params = (kind, message_id, user_id, input_hash, lease_until, now, now, now)
+        return database.execute_sql(sql(statement), params).rowcount == 1
 
     @classmethod
-    def write(cls, kind: str, message_id: str, user_id: str, **fields) -> int:
-        """Set these columns of the job's row (``updated_at`` among them), making the row
-        if it is missing: one statement.  Returns the number of rows written (1)."""
+    def write(cls, kind: str, message_id: str, user_id: str, exists: bool, **fields) -> int:
+        """Set these columns of the job's row (``updated_at`` among them): an UPDATE when
+        the row ``exists``, else one statement that makes it if it is still missing.
+        Returns the number of rows written."""
+        table = cls._meta.table_name
+        if exists:
+            statement = update_sql(table, tuple(fields), ('kind', 'message_id'), database.param)
+            return database.execute_sql(statement, (*fields.values(), kind, message_id)).rowcount
         row = {'kind': kind, 'message_id': message_id, 'user_id': user_id, 'status': 'pending',
                'attempts': 0, 'tags_added': '[]', 'created_at': fields['updated_at'], **fields}
-        statement = upsert_sql(cls._meta.table_name, tuple(row), ('kind', 'message_id'),
-                               tuple(fields), database.param)
+        statement = upsert_sql(table, tuple(row), ('kind', 'message_id'), tuple(fields), database.param)
         return database.execute_sql(statement, tuple(row.values())).rowcount
 
 

@@ -597,10 +597,11 @@ class JobRun:
         now = utcnow()
         lease_until = now + datetime.timedelta(seconds=settings.job_lease)
         if not JobState.claim(self.kind, self.message_id, self.user_id, input_hash, now,
-                              lease_until):
+                              lease_until, exists=self.state.id is not None):
             return False
-        self._remember(status='running', content_hash=input_hash, lease_until=lease_until,
-                       attempts=self.state.attempts + 1, updated_at=now)
+        # Read again: a run that finished since this one first read the row may have
+        # changed what it records (the tags auto-tag added, the attempts).
+        self.state = self.load_state()
         leases.hold(self)
         self.holds_lease = True
         return True
@@ -620,8 +621,9 @@ class JobRun:
 
     def write(self, **fields) -> int:
         """Write these fields to the run's own row; returns how many rows took them."""
+        exists = self.state.id is not None
         self._remember(updated_at=utcnow(), **fields)
-        return JobState.write(self.kind, self.message_id, self.user_id, **fields,
+        return JobState.write(self.kind, self.message_id, self.user_id, exists, **fields,
                               updated_at=self.state.updated_at)
 
     def _remember(self, **fields) -> None:

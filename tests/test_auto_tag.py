@@ -269,3 +269,23 @@ def test_a_second_run_waits_while_another_holds_the_message(model):
     models.JobState.update(lease_until=models.utcnow() - datetime.timedelta(seconds=1)).execute()
     drain(huey)
     assert tag_names(message.id) == ['alpha', 'beta'] and len(model.chat_requests()) == 1
+
+
+def test_a_run_that_read_the_record_before_another_run_finished_sees_its_tags(model):
+    """A run claims with the record as it is then, not as it was when the run began:
+    the tags another run added meanwhile are auto-tag's, and go when no longer wanted."""
+    user = make_user(config=model_config(model))
+    message = make_message(user, 'first text')
+    with whitenote_huey.database.connection_context():
+        early = whitenote_huey.JobRun('auto-tag', message.id, user.id)  # reads the record now
+    model.respond(tags('alpha', 'beta'))
+    run_auto_tag(user, message)  # another run tags the message meanwhile
+    assert tag_names(message.id) == ['alpha', 'beta']
+    models.Message.update(content='second text').where(models.Message.id == message.id).execute()
+    with whitenote_huey.database.connection_context():
+        assert early.claim(whitenote_huey.content_hash('second text'))
+        with whitenote_huey.database.atomic():
+            _, after, added = whitenote_huey.apply_auto_tags(message.id, early.state, ['gamma'])
+            early.finish('done', 'test', tags_added=json.dumps(added))
+    assert after == {'gamma'} and tag_names(message.id) == ['gamma']
+    assert job_state('auto-tag', message.id).attempts == 2
