@@ -159,7 +159,7 @@ class AiConfig(BaseModel):
     @classmethod
     def for_existing_user(cls, user_id: str) -> 'AiConfig | None':
         """for_user(), and in the same query whether the user exists: None if not."""
-        for config in cls.raw(sql('SELECT "AiConfig".*, "User"."id" AS "found_user_id" FROM "User" '
+        for config in cls.raw(sql('SELECT "AiConfig".* FROM "User" '
                                   'LEFT JOIN "AiConfig" ON "AiConfig"."userId" = "User"."id" '
                                   'WHERE "User"."id" = ?'), user_id):
             return config if config.id is not None else cls(user=user_id)
@@ -421,7 +421,9 @@ class JobState(BaseModel):
         statement, so two workers on one message cannot both proceed.  ``exists``: the
         row was read, so a plain UPDATE does (an upsert takes a number of the id
         sequence on PostgreSQL each time, even when the row is there)."""
-        free = ('"status" != \'running\' OR "lease_until" IS NULL OR "lease_until" <= ?')
+        free = ('"whitenote_huey_job"."status" != \'running\' '
+                'OR "whitenote_huey_job"."lease_until" IS NULL '
+                'OR "whitenote_huey_job"."lease_until" <= ?')
         if exists:
             statement = ('UPDATE "whitenote_huey_job" SET "status" = \'running\', "content_hash" = ?, '
                          '"attempts" = "attempts" + 1, "lease_until" = ?, "updated_at" = ? '
@@ -436,8 +438,7 @@ class JobState(BaseModel):
                 '"status" = excluded."status", "content_hash" = excluded."content_hash", '
                 '"attempts" = "whitenote_huey_job"."attempts" + 1, '
                 '"lease_until" = excluded."lease_until", "updated_at" = excluded."updated_at" '
-                'WHERE %s' % free.replace('"status"', '"whitenote_huey_job"."status"')
-                .replace('"lease_until"', '"whitenote_huey_job"."lease_until"'))
+                'WHERE %s' % free)
             params = (kind, message_id, user_id, input_hash, lease_until, now, now, now)
         return database.execute_sql(sql(statement), params).rowcount == 1
 

@@ -566,8 +566,8 @@ leases = LeaseKeeper()
 class JobRun:
     """One run of a job on one message: its state row and its outcome.
 
-    The row is read once, and written only when there is something to record, each
-    time in one statement that makes it if it is missing.
+    The row is read at the start (and again once claimed), and written only when there
+    is something to record, each time in one statement, which makes it if it is missing.
     """
     model = JobState
 
@@ -935,8 +935,8 @@ def ask_model(endpoint: ModelSettings, messages: list[dict], temperature: float 
     """The model's answer text; its failures as TransientError or PermanentError.
 
     Posts through the openai client (its connections, auth, timeouts and errors) but
-    reads the answer's JSON itself: the SDK's request transform and response model
-    cost about 1 ms of CPU per call, more than the rest of an auto-tag job's Python.
+    reads the answer's JSON itself: the SDK's response model doubles a call's CPU
+    (bench/model_client.py).
     """
     body = {'model': endpoint.model, 'messages': messages, 'temperature': temperature}
     try:
@@ -1306,6 +1306,9 @@ BRIEFING_PROMPT = (
     '3. 🎯 今日建议：基于昨日内容，给出今天可以做的事情\n\n'
     '保持简洁，使用 markdown 格式。')
 BRIEFING_SEPARATOR = '\n---\n'
+# The ids of the briefing messages the worker made for the user (one parameter), in SQL.
+MADE_BRIEFING_IDS = ('(SELECT "message_id" FROM "whitenote_huey_briefing" '
+                     'WHERE "user_id" = ? AND "message_id" IS NOT NULL)')
 
 
 def briefing_time(value: str | None) -> datetime.time | None:
@@ -1371,8 +1374,7 @@ def briefing_input(user_id: str, day: datetime.date) -> tuple[str | None, list[M
         'AND ("content" LIKE ? ESCAPE \'\\\' '
         'OR ("createdAt" >= ? AND "createdAt" < ? '
         'AND "content" NOT LIKE ? ESCAPE \'\\\' '
-        'AND "id" NOT IN (SELECT "message_id" FROM "whitenote_huey_briefing" '
-        'WHERE "user_id" = ? AND "message_id" IS NOT NULL))) '
+        'AND "id" NOT IN ' + MADE_BRIEFING_IDS + ')) '
         'ORDER BY "createdAt", "id"'),
         user_id, like_prefix(title), start, end, like_prefix(BRIEFING_TITLE), user_id))
     existing = next((message.id for message in found if message.content.startswith(title)), None)
@@ -1456,8 +1458,7 @@ def unpin_earlier_briefings(user_id: str, day: datetime.date) -> bool:
         'SELECT "id", "content" FROM "Message" '
         'WHERE "authorId" = ? AND "isPinned" '
         'AND ("content" LIKE ? ESCAPE \'\\\' '
-        'OR "id" IN (SELECT "message_id" FROM "whitenote_huey_briefing" '
-        'WHERE "user_id" = ? AND "message_id" IS NOT NULL))'),
+        'OR "id" IN ' + MADE_BRIEFING_IDS + ')'),
         (user_id, like_prefix(BRIEFING_TITLE), user_id)).fetchall()
     days = {message_id: title_day(content) or datetime.date.min for message_id, content in pinned}
     earlier = [message_id for message_id, other in days.items() if other < day]
