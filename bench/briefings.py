@@ -139,11 +139,7 @@ def main() -> None:
         log = consumer.log()
         print('consumer log: %d retries, %d errors' % (log.count(' will retry in '), log.count(' ERROR ')))
         assert requests == len(users), 'model requests: %d for %d briefings' % (requests, len(users))
-        import noop_app
-        options = common.run_consumer_options(WORKERS=str(args.workers), WORKER_TYPE=args.worker_type)
-        with common.Consumer(workdir, env, app='noop_app.huey', options=options):
-            noop_app.wait_floor(0.01, 2 * args.workers)  # warm-up
-            floor = noop_app.wait_floor(args.delay, args.users)
+        floor = common.huey_alone(workdir, env, args.delay, args.users, args.worker_type, args.workers)
     ideal = args.users * args.delay / args.workers
     print('run_consumer.sh, WORKERS=%d WORKER_TYPE=%s, periodic scheduler off (-n), '
           'schedule_briefings enqueued by the benchmark %d time(s)' % (args.workers, args.worker_type, ticks))

@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -197,6 +198,38 @@ class Consumer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def enqueue_at_once(huey, tasks: list) -> float:
+    """Put the tasks on Huey's Redis queue in one round trip; returns when (epoch)."""
+    pipe = huey.storage.conn.pipeline(transaction=False)
+    for task in tasks:
+        # As PriorityRedisStorage.enqueue writes it: a timestamp prefix, priority 0.
+        pipe.zadd(huey.storage.queue_key,
+                  {struct.pack('>Q', int(time.time() * 1e6)) + huey.serialize_task(task): 0})
+    started = time.time()
+    pipe.execute()
+    return started
+
+
+def huey_alone(workdir: str, env: dict, seconds: float, count: int, worker_type: str,
+               workers: int, timeout: float = 600) -> float:
+    """Huey alone, with run_consumer.sh's options, on ``count`` tasks that only wait
+    ``seconds`` (bench/noop_app.py), enqueued at once: seconds until the last finished."""
+    import noop_app
+    huey = noop_app.huey
+
+    def run(seconds: float, count: int) -> float:
+        key = 'bench:wait:%d' % time.monotonic_ns()
+        started = enqueue_at_once(huey, [noop_app.wait.s(seconds, key) for _ in range(count)])
+        wait_until(lambda: int(huey.storage.conn.get(key) or 0) == count, timeout, 0.01,
+                   what='the tasks that only wait')
+        return float(huey.storage.conn.get(key + ':finished')) - started
+
+    options = run_consumer_options(WORKERS=str(workers), WORKER_TYPE=worker_type)
+    with Consumer(workdir, env, app='noop_app.huey', options=options):
+        run(0.01, 2 * workers)  # warm-up
+        return run(seconds, count)
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.001, what: str = 'condition') -> float:

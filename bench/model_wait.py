@@ -12,8 +12,6 @@ the same consumer options), and draws bench/model_wait.png.
 import argparse
 import calendar
 import os
-import struct
-import time
 
 import common
 
@@ -28,20 +26,6 @@ def make_messages(fake, count: int, users: int = 50) -> list[tuple[str, str]]:
                for _ in range(users)]
     return [(authors[i % users].id, services.make_message(authors[i % users], 'Note %d to tag' % i).id)
             for i in range(count)]
-
-
-def enqueue_at_once(pairs: list) -> float:
-    """Put auto_tag for every pair on the queue in one round trip; returns when (epoch)."""
-    import whitenote_huey
-    huey = whitenote_huey.huey
-    pipe = huey.storage.conn.pipeline(transaction=False)
-    for user_id, message_id in pairs:
-        data = huey.serialize_task(whitenote_huey.auto_tag.s(user_id, message_id))
-        # As PriorityRedisStorage.enqueue writes it: a timestamp prefix, priority 0.
-        pipe.zadd(huey.storage.queue_key, {struct.pack('>Q', int(time.time() * 1e6)) + data: 0})
-    started = time.time()
-    pipe.execute()
-    return started
 
 
 def last_finish(pairs: list) -> float:
@@ -71,20 +55,12 @@ def run(workdir: str, env: dict, warm_up: list, pairs: list, worker_type: str, w
             whitenote_huey.auto_tag(user_id, message_id)
         common.wait_until(lambda: done() == len(warm_up), 120, 0.02, what='the warm-up jobs')
         cpu = consumer.cpu_seconds()
-        started = enqueue_at_once(pairs)
+        started = common.enqueue_at_once(whitenote_huey.huey, [
+            whitenote_huey.auto_tag.s(user_id, message_id) for user_id, message_id in pairs])
         common.wait_until(lambda: done() == len(warm_up) + len(pairs), 600, 0.02, what='every job done')
         cpu = consumer.cpu_seconds() - cpu
         peak = consumer.peak_rss_mb()
     return {'wall': last_finish(pairs) - started, 'cpu': cpu, 'rss': peak}
-
-
-def run_floor(workdir: str, env: dict, jobs: int, delay: float, worker_type: str, workers: int) -> float:
-    """Huey alone: the same consumer options on tasks that only wait ``delay`` (noop_app.wait)."""
-    import noop_app
-    options = common.run_consumer_options(WORKERS=str(workers), WORKER_TYPE=worker_type)
-    with common.Consumer(workdir, env, app='noop_app.huey', options=options):
-        noop_app.wait_floor(0.01, 2 * workers)  # warm-up
-        return noop_app.wait_floor(delay, jobs)
 
 
 def chart(results: dict, jobs: int, delay: float) -> None:
@@ -139,7 +115,8 @@ def main() -> None:
         for worker_type in args.types:
             for workers in args.workers:
                 result = run(workdir, env, warm_up[:2 * workers], pairs, worker_type, workers)
-                result['floor'] = run_floor(workdir, env, args.jobs, args.delay, worker_type, workers)
+                result['floor'] = common.huey_alone(workdir, env, args.delay, args.jobs, worker_type,
+                                                    workers)
                 results.setdefault(worker_type, {})[workers] = result
                 fake.requests.clear()
     ideal = {w: args.jobs * args.delay / w for w in args.workers}
