@@ -50,6 +50,7 @@ from huey.api import Task
 from huey.api import TaskWrapper
 from huey.serializer import SignedSerializer
 from huey.storage import RedisStorage
+from huey.storage import SqliteStorage
 from peewee import JOIN
 from peewee import SQL
 from peewee import DatabaseError
@@ -334,7 +335,11 @@ use_database(settings.database_url)
 # The Huey instance.
 
 def load_secret(config: Settings) -> str:
-    """WHITENOTE_SECRET, else a random key kept in a file beside the data (one host only)."""
+    """WHITENOTE_SECRET, else a random key kept in a file beside the data (one host only).
+
+    The file is written whole under another name, then linked into place: of two
+    processes making it at once, one wins and the other reads the winner's key.
+    """
     if config.secret:
         return config.secret
     path = os.path.join(config.data_dir, '.whitenote-secret')
@@ -344,14 +349,40 @@ def load_secret(config: Settings) -> str:
     except FileNotFoundError:
         pass
     key = secrets.token_hex(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, 'w') as handle:
-        handle.write(key)
+    draft = '%s.%d-%s' % (path, os.getpid(), secrets.token_hex(4))
+    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, 'w') as handle:
+            handle.write(key)
+        os.link(draft, path)
+    except FileExistsError:
+        with open(path) as handle:
+            key = handle.read().strip()
+    finally:
+        os.unlink(draft)
     return key
 
 
 class CheckedSerializer(SignedSerializer):
-    """Huey's signed pickles; a payload that fails the signature check is never unpickled."""
+    """Huey's signed pickles; a payload that fails the signature check is never unpickled.
+
+    The key is read (or made) when the first payload is signed or checked, not at
+    import: a command refused for a missing database leaves no key file behind.
+    """
+
+    def __init__(self, config: Settings, salt: str):
+        super().__init__(secret='read on first use', salt=salt)
+        self.config = config
+        self._key = None
+        self._key_lock = threading.Lock()
+
+    def _signature(self, message: bytes) -> bytes:
+        if self._key is None:
+            with self._key_lock:
+                if self._key is None:
+                    secret = load_secret(self.config).encode('utf-8')
+                    self._key = hashlib.sha1(self.salt + secret).digest()
+        return super()._signature(message)
 
     def _unsign(self, signed: bytes) -> bytes:
         try:
@@ -381,8 +412,26 @@ class WhiteNoteRedisHuey(ConsumerLogging, PriorityRedisHuey):
     """Huey on Redis, with priorities: bulk re-runs wait behind new messages' jobs."""
 
 
+class WhiteNoteSqliteStorage(SqliteStorage):
+    """Huey's SQLite storage, whose file and tables are made on first use, not at import:
+    a command refused for a missing database leaves no queue file behind."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **dict(kwargs, create_tables=False))
+        self._schema_ready = False
+
+    def _create_connection(self) -> sqlite3.Connection:
+        connection = super()._create_connection()
+        if not self._schema_ready:
+            for statement in self.ddl:  # "if not exists": harmless beside another process
+                connection.execute(statement)
+            self._schema_ready = True
+        return connection
+
+
 class WhiteNoteSqliteHuey(ConsumerLogging, SqliteHuey):
     """Huey's SQLite storage (which honours priorities too), for a machine without Redis."""
+    storage_class = WhiteNoteSqliteStorage
 
 
 def make_huey(config: Settings) -> Huey:
@@ -392,7 +441,7 @@ def make_huey(config: Settings) -> Huey:
     arbitrary data; results are not stored, since the database records outcomes.
     """
     options = dict(results=False, utc=True,
-                   serializer=CheckedSerializer(secret=load_secret(config), salt='whitenote-huey'))
+                   serializer=CheckedSerializer(config, salt='whitenote-huey'))
     if config.redis_url:
         if not config.secret:
             logger.warning('WHITENOTE_SECRET is unset: payloads are signed with a key '
