@@ -626,6 +626,7 @@ class JobRun:
         self.user_id = user_id
         self.state = self.load_state()
         self.outcome = 'unchanged'
+        self.retry_in: float | None = None  # deferred: seconds until it runs again
         self.secrets: tuple = ()
         self.holds_lease = False
 
@@ -724,8 +725,12 @@ def job(kind: str, message_id: str, user_id: str, task: Task | None,
             if run.holds_lease:
                 leases.release(run)
     duration = time.monotonic() - started
-    logger.info('[%s] %s %s in %.2fs', kind, message_id, run.outcome, duration, extra=dict(
-        fields, outcome=run.outcome, duration=round(duration, 3), attempt=run.state.attempts))
+    fields.update(outcome=run.outcome, duration=round(duration, 3), attempt=run.state.attempts)
+    again = ''
+    if run.retry_in is not None:
+        fields['retry_in'] = round(run.retry_in, 1)
+        again = ': runs again in %.1fs (another run holds the message)' % run.retry_in
+    logger.info('[%s] %s %s in %.2fs%s', kind, message_id, run.outcome, duration, again, extra=fields)
     count_job(kind, run.outcome, duration)
 
 
@@ -764,6 +769,12 @@ def recorded_run(name: str) -> Iterator[dict]:
 
 # Metrics.
 
+# Every value a job's outcome takes: the "outcome" label of whitenote_jobs_total, and the
+# "outcome" field of the log line a job ends with.  Free text (a delay, an error) goes
+# to the log line only, so the metric keeps one series per kind and outcome.
+JOB_OUTCOMES = ('done', 'unchanged', 'skipped', 'empty', 'deferred', 'retrying', 'failed')
+
+
 class Metrics:
     """The consumer's Prometheus metrics, in a registry of their own.
 
@@ -775,8 +786,8 @@ class Metrics:
         import prometheus_client as client  # the optional "metrics" extra
         self.registry = client.CollectorRegistry()
         self.jobs = client.Counter(
-            'whitenote_jobs', 'Jobs run, by kind and outcome (done, unchanged, skipped, '
-            'retrying, failed).', ['kind', 'outcome'], registry=self.registry)
+            'whitenote_jobs', 'Jobs run, by kind and outcome (%s).' % ', '.join(JOB_OUTCOMES),
+            ['kind', 'outcome'], registry=self.registry)
         self.duration = client.Histogram(
             'whitenote_job_duration_seconds', 'How long jobs ran, by kind.', ['kind'],
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=self.registry)
@@ -892,7 +903,7 @@ def defer(run: JobRun, task: TaskWrapper, *args) -> None:
     """Run the job again in a few seconds: another live run holds its row."""
     delay = RETRY_DELAY * random.uniform(2.0, 4.0)
     task.schedule(args, delay=delay)
-    run.outcome = 'deferred %.1fs (another run holds the message)' % delay
+    run.outcome, run.retry_in = 'deferred', delay
 
 
 def outbound_url(url: str, setting: str) -> str:
