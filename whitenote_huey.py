@@ -1072,11 +1072,44 @@ def validate_tags(candidates: list) -> list[str]:
     return valid
 
 
+# Scripts written without spaces between words (Chinese, Japanese, Korean, Thai, Lao,
+# Myanmar, Khmer): a tag name in them is found as a whole wherever it stands.
+_UNSPACED = ('\u0e00-\u0eff\u1000-\u109f\u1100-\u11ff\u1780-\u17ff\u3005-\u3007'
+             '\u3040-\u30ff\u3130-\u318f\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff'
+             '\ua960-\ua97f\uac00-\ud7af\uf900-\ufaff\uff66-\uffdc\U00020000-\U0003ffff')
+# A letter, digit, underscore or combining mark of any other script: what a word in a
+# spaced script is made of, so what a name must not touch to be a whole word.
+_SPACED_WORD = '(?:[^\\W%s]|[\u0300-\u036f])' % _UNSPACED
+_SPACED_WORDS = re.compile(_SPACED_WORD + '+')
+
+
+def fold(text: str) -> str:
+    """Text as compared ignoring case and width (NFKC, case-folded)."""
+    return unicodedata.normalize('NFKC', unicodedata.normalize('NFKC', text).casefold())
+
+
+def mentions(text: str, words: set[str], name: str) -> bool:
+    """Whether the folded ``text`` (whose spaced-script words are ``words``) mentions the
+    folded tag ``name``: as a whole word where the name begins or ends with a letter or
+    digit of a spaced script ("go" is not in "going", "ai" not in "email", "python" is
+    in "学python"), and anywhere where it begins or ends in an unspaced one ("读书" is in
+    "读书笔记")."""
+    if not name:
+        return False
+    if _SPACED_WORDS.fullmatch(name):
+        return name in words  # one set lookup, however long the text
+    # The name comes first, then a look back past it: re then scans for the name alone.
+    before = '(?<!%s(?s:.){%d})' % (_SPACED_WORD, len(name)) if re.match(_SPACED_WORD, name) else ''
+    after = '(?!%s)' % _SPACED_WORD if re.match(_SPACED_WORD, name[-1]) else ''
+    return re.search(re.escape(name) + before + after, text) is not None
+
+
 def offline_tags(content: str, known_tags: list[str]) -> list[str]:
     """Tags without a model: the note's own #hashtags, then the user's tags it mentions."""
     found = _HASHTAG.findall(content)
-    folded = content.casefold()
-    found += [name for name in known_tags if name.casefold() in folded]
+    folded = fold(content)
+    words = set(_SPACED_WORDS.findall(folded))
+    found += [name for name in known_tags if mentions(folded, words, fold(name))]
     return validate_tags(found)
 
 

@@ -14,6 +14,7 @@ from fake_model import error
 from services import ROOT
 from services import Consumer
 from services import cli
+from services import drain
 from services import free_port
 from services import job_state
 from services import make_message
@@ -78,6 +79,44 @@ def add_note(env: dict, cwd, user: str, text: str) -> str:
     result = cli(env, str(cwd), 'note', '--user', user, text)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
+
+
+# 5. Offline tags
+
+@pytest.mark.parametrize('content, known, found', [
+    ('Sent an email about it', ['ai'], []),
+    ('Going to write pythonic code', ['go', 'python'], []),
+    ('ago, cargo, python3, python_x', ['go', 'python'], []),
+    ('AI is fun: go, write Python!', ['ai', 'go', 'python'], ['ai', 'go', 'python']),
+    ('学习python编程', ['python'], ['python']),
+    ('今天的读书笔记', ['读书'], ['读书']),
+    ('学AI绘画', ['AI绘画'], ['AI绘画']),
+    ('email绘画', ['AI绘画'], []),
+    ('パイソンを勉強した', ['パイソン'], ['パイソン']),
+    ('파이썬을 배웠다', ['파이썬'], ['파이썬']),
+    ('ＰＹＴＨＯＮ and Straße', ['python', 'STRASSE'], ['python', 'STRASSE']),
+    ('my c++ code, not objc++', ['c++'], ['c++']),
+    ('objc++ only', ['c++'], []),
+    ('café au lait', ['caf'], []),
+    ('Привет, мир', ['мир', 'при'], ['мир']),
+])
+def test_offline_tagger_matches_whole_words_and_whole_cjk_names(content, known, found):
+    assert whitenote_huey.offline_tags(content, known) == found
+
+
+def test_offline_tags_of_notes_written_on_the_command_line(standalone, tmp_path):
+    def note_and_tags(text: str) -> str:
+        message_id = add_note(standalone, tmp_path, 'me@example.org', text)
+        drain(whitenote_huey.huey)
+        shown = cli(standalone, str(tmp_path), 'show', message_id)
+        assert shown.returncode == 0, shown.stderr
+        return next(line for line in shown.stdout.splitlines() if line.startswith('tags: '))
+
+    assert note_and_tags('Learning #ai #go #python #读书') == 'tags: #ai, #go, #python'
+    assert note_and_tags('Starting #读书 club') == 'tags: #读书'
+    assert note_and_tags('Sent an email. Going to write pythonic code.') == 'tags: none'
+    assert note_and_tags('学习python编程，今天的读书笔记') == 'tags: #python, #读书'
+    assert note_and_tags('AI helps; go on.') == 'tags: #ai, #go'
 
 
 # 6. Metrics
