@@ -1507,8 +1507,9 @@ def first_line(content: str, limit: int = 60) -> str:
 
 
 def offline_briefing(covered: list[Message], messages: list[Message]) -> str:
-    """Without a model: the day's messages by first line, their count and most used tags."""
-    lines = ['📝 昨日回顾：%d 条笔记 (%d messages)' % (len(messages), len(messages)), '']
+    """Without a model: the day's messages by first line, their count and most used tags,
+    in Chinese, as the web app writes (the notes' own lines stay as they are)."""
+    lines = ['📝 昨日回顾：共 %d 条笔记' % len(messages), '']
     for message in covered:
         created = message.created_at.replace(tzinfo=datetime.UTC).astimezone(settings.timezone)
         lines.append('- %s %s' % (created.strftime('%H:%M'), first_line(message.content)))
@@ -1522,8 +1523,8 @@ def offline_briefing(covered: list[Message], messages: list[Message]) -> str:
                 .limit(5)
                 .tuples())
     if tags:
-        lines += ['', '🏷️ 常用标签：' + ', '.join('#%s (%d)' % (name, count) for name, count in tags)]
-    lines += ['', '*离线生成，未使用 AI 模型 (made without a model: no API key is configured).*']
+        lines += ['', '🏷️ 常用标签：' + '、'.join('#%s（%d 条）' % (name, count) for name, count in tags)]
+    lines += ['', '*未配置 AI 模型的 API 密钥，本晨报为离线生成。*']
     return '\n'.join(lines)
 
 
@@ -1537,8 +1538,8 @@ def briefing_text(answer: str) -> str:
 
 def briefing_content(day: datetime.date, body: str, covered: int, total: int) -> str:
     """The title, the body as plain text, and how many of the day's messages it covers."""
-    return '%s\n\n%s\n\n---\n*covers %d of %d messages*' % (briefing_title(day), body, covered,
-                                                           total)
+    return '%s\n\n%s\n\n---\n*涵盖当天 %d 条笔记中的 %d 条*' % (briefing_title(day), body, total,
+                                                           covered)
 
 
 def unpin_earlier_briefings(user_id: str, day: datetime.date) -> bool:

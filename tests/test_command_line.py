@@ -26,7 +26,9 @@ from services import worker_env
 
 import models
 import whitenote_huey
+from models import Briefing
 from models import JobState
+from models import Message
 from models import utcnow
 
 UTC = datetime.UTC
@@ -191,3 +193,34 @@ def test_outcome_labels_come_from_a_fixed_set(db, tmp_path):
     deferred = [line for line in consumer.log().splitlines() if held.id + ' deferred' in line]
     assert deferred and re.search(r'deferred in [\d.]+s: runs again in \d+\.\ds \(another run '
                                   r'holds the message\)$', deferred[0]), deferred
+
+
+# 7. The offline briefing, in Chinese
+
+def test_offline_briefing_is_in_chinese_throughout(standalone, tmp_path):
+    python = add_note(standalone, tmp_path, 'me@example.org', 'Reading about #python decorators')
+    reading = add_note(standalone, tmp_path, 'me@example.org', '今天的读书笔记 #读书')
+    drain(whitenote_huey.huey)
+    tomorrow = (today() + datetime.timedelta(days=1)).isoformat()
+    made = cli(standalone, str(tmp_path), 'briefing', '--date', tomorrow)
+    assert made.returncode == 0 and ': done (done: ' in made.stdout, made.stderr
+    briefing = Message.get_by_id(Briefing.get(Briefing.day == today()).message_id)
+    times = {message_id: Message.get_by_id(message_id).created_at.strftime('%H:%M')
+             for message_id in (python, reading)}
+    assert briefing.content.splitlines() == [
+        '# ☀️ 每日晨报 - %d/%d/%d' % (today().year, today().month, today().day),
+        '',
+        '📝 昨日回顾：共 2 条笔记',
+        '',
+        '- %s Reading about #python decorators' % times[python],
+        '- %s 今天的读书笔记 #读书' % times[reading],
+        '',
+        '🏷️ 常用标签：#python（1 条）、#读书（1 条）',
+        '',
+        '*未配置 AI 模型的 API 密钥，本晨报为离线生成。*',
+        '',
+        '---',
+        '*涵盖当天 2 条笔记中的 2 条*',
+    ]
+    shown = cli(standalone, str(tmp_path), 'show', briefing.id)
+    assert '  📝 昨日回顾：共 2 条笔记' in shown.stdout.splitlines()
