@@ -322,6 +322,14 @@ def _gevent_wait(connection, timeout: float | None = None) -> None:
             raise psycopg2.OperationalError('bad state from poll: %r' % state)
 
 
+def database_file() -> str | None:
+    """The absolute path of the SQLite file the models open (the one sqlite_path() found
+    in DATABASE_URL); None on PostgreSQL."""
+    if isinstance(database.obj, SqliteDatabase) and database.obj.database != ':memory:':
+        return os.path.abspath(database.obj.database)
+    return None
+
+
 def use_database(url: str) -> None:
     """Point the models at the database ``url`` names."""
     if database.obj is not None and not database.is_closed():
@@ -2224,9 +2232,16 @@ def daily_briefing(user_id: str, day: datetime.date, manual: bool = False,
 
 
 def dispatch_briefings(now: datetime.datetime | None = None) -> list[str]:
-    """Enqueue a daily_briefing task for each user whose briefing is due at ``now``."""
-    day, due = due_briefings(now)
-    enqueue_all([daily_briefing.s(user_id, day) for user_id in due])
+    """Enqueue a daily_briefing task for each user whose briefing is due at ``now``.
+
+    Each pass is recorded as the run "briefings", with the day and how many were
+    enqueued: ``whitenote-huey status`` shows the last dispatch.
+    """
+    with recorded_run('briefings') as counts:
+        day, due = due_briefings(now)
+        counts['day'] = day.isoformat()
+        enqueue_all([daily_briefing.s(user_id, day) for user_id in due])
+        counts['enqueued'] = len(due)
     if due:
         logger.info('[daily-briefing] %s: enqueued for %d user(s)', day, len(due))
     return due
@@ -2303,9 +2318,52 @@ JOB_TASKS = {'auto-tag': auto_tag, 'sync-ragflow': sync_ragflow}
 BULK_PRIORITY = -10  # retry and retag: behind every job enqueued at the default, 0
 BATCH_SIZE = 500
 STATUS_BUCKETS = ('done', 'pending', 'running', 'failed', 'skipped', 'other')
+BRIEFING_BUCKETS = ('done', 'empty', 'failed', 'skipped', 'pending', 'running', 'other')
+STATUS_DAYS = 7  # status counts the briefings of this many days back from today
 EXIT_UNAVAILABLE = 3
 EXIT_STATUSES = ('exit status: 0 done, 1 not found or refused, 2 bad arguments, '
                  '3 database or queue unreachable, 130 interrupted (safe to run again)')
+CREATES_DATABASE = ('init-db', 'note')  # the commands that may make a new SQLite file
+_EMAIL = re.compile(r'[^@\s]+@[^@\s]+')
+
+
+def refuse(command: str, text: str, status: int = 1) -> int:
+    """Say why a command stops, on stderr, and give its exit status (1: not found)."""
+    print('whitenote-huey %s: %s' % (command, text), file=sys.stderr)
+    return status
+
+
+def user_option(value: str) -> str:
+    """A --user option: a user's id or email, not blank."""
+    value = value.strip()
+    if not value or _CONTROL_CHARS.search(value):
+        raise argparse.ArgumentTypeError("%r is not a user's id or email" % value)
+    return value
+
+
+def count_option(value: str) -> int:
+    """A whole number of at least 0 (how many to list or enqueue)."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError('%r is not a whole number of at least 0' % value)
+    return number
+
+
+def find_user(value: str) -> User | None:
+    """The user a --user option names: by id, else by email, else by email ignoring case
+    (when that names one user only)."""
+    for condition in (User.id == value, User.email == value,
+                      fn.LOWER(User.email) == value.lower()):
+        found = list(User
+                     .select(User.id, User.email)
+                     .where(condition)
+                     .limit(2))
+        if len(found) == 1:
+            return found[0]
+    return None
 
 
 def cmd_init_db(args: argparse.Namespace) -> int:
@@ -2358,23 +2416,64 @@ def status_report(failure_limit: int = 10) -> dict:
         queue['scheduled'] = huey.scheduled_count()
     except (RedisError, sqlite3.Error, OSError) as exc:
         queue['error'] = redact('%s: %s' % (type(exc).__name__, exc))[:300]
-    failures = (JobState
-                .select()
-                .where(JobState.status == 'failed')
-                .order_by(JobState.updated_at.desc(), JobState.id.desc())
-                .limit(failure_limit))
     age = oldest_pending_age()
+    runs = [{'name': run.name, 'outcome': run.outcome, 'started_at': _iso(run.started_at),
+             'finished_at': _iso(run.finished_at), 'counts': json.loads(run.counts or '{}'),
+             'detail': run.detail} for run in WorkerRun.select().order_by(WorkerRun.name)]
     return {
         'queue': queue,
         'jobs': job_counts(),
         'oldest_pending_seconds': None if age is None else round(age, 1),
-        'failures': [{'kind': state.kind, 'message_id': state.message_id, 'user_id': state.user_id,
-                      'time': _iso(state.updated_at), 'error': state.last_error,
-                      'attempts': state.attempts} for state in failures],
-        'runs': [{'name': run.name, 'outcome': run.outcome, 'started_at': _iso(run.started_at),
-                  'finished_at': _iso(run.finished_at), 'counts': json.loads(run.counts or '{}'),
-                  'detail': run.detail} for run in WorkerRun.select().order_by(WorkerRun.name)],
+        'failures': latest_failures(failure_limit),
+        'runs': runs,
+        'briefings': briefing_counts(next((run for run in runs if run['name'] == 'briefings'), None)),
     }
+
+
+def latest_failures(limit: int) -> list[dict]:
+    """The latest failed jobs and briefings, newest first, each with the same keys (a job
+    has no ``day``, a briefing no ``message_id``)."""
+    jobs = (JobState
+            .select()
+            .where(JobState.status == 'failed')
+            .order_by(JobState.updated_at.desc(), JobState.id.desc())
+            .limit(limit))
+    briefings = (Briefing
+                 .select()
+                 .where(Briefing.status == 'failed')
+                 .order_by(Briefing.updated_at.desc(), Briefing.id.desc())
+                 .limit(limit))
+    failures = [{'kind': state.kind, 'message_id': state.message_id, 'day': None,
+                 'user_id': state.user_id, 'time': _iso(state.updated_at),
+                 'error': state.last_error, 'attempts': state.attempts} for state in jobs]
+    failures += [{'kind': 'daily-briefing', 'message_id': None, 'day': row.day.isoformat(),
+                  'user_id': row.user_id, 'time': _iso(row.updated_at), 'error': row.last_error,
+                  'attempts': row.attempts} for row in briefings]
+    failures.sort(key=lambda failure: failure['time'] or '', reverse=True)
+    return failures[:limit]
+
+
+def briefing_counts(dispatch: dict | None) -> dict:
+    """The last dispatch (the run "briefings"), and per local day of the last STATUS_DAYS,
+    newest first, how many briefings are in each state (retrying counts as pending)."""
+    since = local_now().date() - datetime.timedelta(days=STATUS_DAYS)
+    query = (Briefing
+             .select(Briefing.day, Briefing.status, fn.COUNT(Briefing.id))
+             .where(Briefing.day >= since)
+             .group_by(Briefing.day, Briefing.status)
+             .tuples())
+    days: dict[datetime.date, dict[str, int]] = {}
+    for day, status, number in query:
+        bucket = 'pending' if status == 'retrying' else status
+        bucket = bucket if bucket in BRIEFING_BUCKETS else 'other'
+        days.setdefault(day, dict.fromkeys(BRIEFING_BUCKETS, 0))[bucket] += number
+    last = None
+    if dispatch is not None:
+        last = {'outcome': dispatch['outcome'], 'started_at': dispatch['started_at'],
+                'finished_at': dispatch['finished_at'], 'day': dispatch['counts'].get('day'),
+                'enqueued': dispatch['counts'].get('enqueued')}
+    return {'last_dispatch': last,
+            'days': [{'day': day.isoformat(), **days[day]} for day in sorted(days, reverse=True)]}
 
 
 def _ago(seconds: float) -> str:
@@ -2403,8 +2502,10 @@ def print_status(report: dict) -> None:
     for failure in report['failures']:
         error = ' '.join((failure['error'] or '').split())
         print('  %s  %s  %s  attempts %d  %s' % (failure['time'], failure['kind'],
-                                                 failure['message_id'], failure['attempts'],
-                                                 error[:120]))
+                                                 failure['message_id'] or 'day %s, user %s' % (
+                                                     failure['day'], failure['user_id']),
+                                                 failure['attempts'], error[:120]))
+    print_briefings(report['briefings'])
     print('\nperiodic runs:' if report['runs'] else '\nperiodic runs: none recorded yet')
     for run in report['runs']:
         counts = ', '.join('%s %s' % item for item in run['counts'].items())
@@ -2412,6 +2513,23 @@ def print_status(report: dict) -> None:
             run['name'], run['outcome'], run['started_at'] or 'never',
             run['finished_at'] or 'never', '; ' + counts if counts else '',
             '; ' + run['detail'] if run['detail'] else ''))
+
+
+def print_briefings(briefings: dict) -> None:
+    last = briefings['last_dispatch']
+    if last is None:
+        print('\nbriefings: no dispatch recorded yet (a consumer dispatches them every minute)')
+    else:
+        print('\nbriefings: last dispatch %s, %s, for the day %s: %s enqueued' % (
+            last['started_at'] or 'never', last['outcome'], last['day'] or '?',
+            '?' if last['enqueued'] is None else last['enqueued']))
+    if not briefings['days']:
+        print('  none in the last %d days' % STATUS_DAYS)
+        return
+    buckets = [b for b in BRIEFING_BUCKETS if b != 'other' or any(d['other'] for d in briefings['days'])]
+    print('  %-10s %s' % ('day', ' '.join('%8s' % b for b in buckets)))
+    for day in briefings['days']:
+        print('  %-10s %s' % (day['day'], ' '.join('%8d' % day[b] for b in buckets)))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -2469,6 +2587,8 @@ def enqueue_bulk(command: str, batches: Iterator[list[tuple[str, str, str]]],
 
 def cmd_retry(args: argparse.Namespace) -> int:
     """Mark failed job states pending, then enqueue them, behind new messages' jobs."""
+    if args.message is not None and not known_message(args.message):
+        return refuse('retry', 'no message with id %r (nor a job record of one)' % args.message)
     query = JobState.select().where(JobState.status == 'failed')
     if args.kind:
         query = query.where(JobState.kind == args.kind)
@@ -2493,6 +2613,12 @@ def cmd_retry(args: argparse.Namespace) -> int:
         enqueued, ', %d of a kind with no task here left as they are' % left if left else ''))
 
 
+def known_message(message_id: str) -> bool:
+    """Whether a message has this id, or had it and left a job record (deleted since)."""
+    return (Message.select().where(Message.id == message_id).exists()
+            or JobState.select().where(JobState.message_id == message_id).exists())
+
+
 def request_rerun(kind: str, messages: list[Message], detail: str) -> None:
     """Mark the job states pending with no content hash, so the next run redoes the work
     even for content it handled before.  A second queued run of the same job then
@@ -2512,7 +2638,7 @@ def request_rerun(kind: str, messages: list[Message], detail: str) -> None:
 
 def local_day(text: str) -> datetime.datetime:
     """A YYYY-MM-DD day of WHITENOTE_TIMEZONE, as the naive UTC time it starts at."""
-    return local_day_bounds(iso_date(text))[0]
+    return local_day_bounds(iso_date(text, FIRST_DAY, LAST_DAY))[0]
 
 
 def cmd_retag(args: argparse.Namespace) -> int:
@@ -2523,7 +2649,10 @@ def cmd_retag(args: argparse.Namespace) -> int:
         return 2
     query = Message.select(Message.id, Message.author)
     if args.user:
-        query = query.where(Message.author == args.user)
+        user = find_user(args.user)
+        if user is None:
+            return refuse('retag', 'no user with id or email %r' % args.user)
+        query = query.where(Message.author == user.id)
     if args.since:
         query = query.where(Message.created_at >= args.since)
     if args.failed:
@@ -2550,19 +2679,38 @@ def cmd_retag(args: argparse.Namespace) -> int:
         enqueued, ', skipped %d whose author turned auto-tag off' % turned_off if turned_off else ''))
 
 
+def note_text(value: str) -> str:
+    """The text of ``note``: the argument, or standard input for "-" (with no limit on
+    its length); ValueError when it is empty or not UTF-8."""
+    if value == '-':
+        try:
+            value = sys.stdin.buffer.read().decode('utf-8').rstrip()
+        except UnicodeDecodeError:
+            raise ValueError('standard input is not UTF-8 text') from None
+    elif _SURROGATES.search(value):  # bytes the terminal's encoding could not decode
+        raise ValueError('the text is not valid UTF-8')
+    if not value.strip():
+        raise ValueError('the text is empty')
+    return value
+
+
 def cmd_note(args: argparse.Namespace) -> int:
     """Standalone mode: add a note for a local user and enqueue its jobs."""
     if not isinstance(database.obj, SqliteDatabase):
         print('note: refused: DATABASE_URL is a PostgreSQL (WhiteNote) database; write notes '
               'in the web app. This command is for the standalone SQLite mode.', file=sys.stderr)
         return 1
-    if not args.text.strip():
-        print('note: the text is empty', file=sys.stderr)
-        return 2
-    user = User.get_or_none(User.email == args.user)
+    try:
+        text = note_text(args.text)
+    except ValueError as exc:
+        return refuse('note', str(exc), 2)
+    user = find_user(args.user)
     if user is None:
+        if not _EMAIL.fullmatch(args.user):
+            return refuse('note', 'no user with id or email %r; a new user needs an email '
+                          'address' % args.user)
         user = User.create(email=args.user, name=args.user.partition('@')[0])
-    message = Message.create(author=user, content=args.text)
+    message = Message.create(author=user, content=text)
     enqueued = enqueue_message_jobs(user.id, message.id)
     print(message.id)
     print('note %s by %s; enqueued: %s' % (message.id, user.email, ', '.join(enqueued) or 'nothing'),
@@ -2585,13 +2733,19 @@ def cmd_show(args: argparse.Namespace) -> int:
                   .select()
                   .where(JobState.message_id == message.id)
                   .order_by(JobState.kind))
-    print('message %s by %s, %s' % (message.id, author.email if author else message.author_id,
-                                    _iso(message.created_at)))
+    who = author.email if author else message.author_id or 'nobody (a system message)'
+    print('message %s by %s, %s' % (message.id, who, _iso(message.created_at)))
     if message.title:
         print('title: %s' % message.title)
     print(''.join('  ' + line for line in message.content.splitlines(True)))
     print('tags: %s' % (', '.join('#' + tag.name for tag in tags) or 'none'))
-    print('jobs:' if states else 'jobs: none has run yet (is the consumer running?)')
+    briefing = briefing_made_as(message)
+    if briefing is not None:
+        print('briefing: the daily briefing of %s for %s, %s' % (
+            briefing.day, who, 'made by the worker (%s)' % briefing.detail if briefing.id
+            else 'known by its title (the worker has no record of making it)'))
+    if states or briefing is None:
+        print('jobs:' if states else 'jobs: none has run yet (is the consumer running?)')
     for state in states:
         text = state.last_error if state.status in ('failed', 'retrying') else state.detail
         print('  %-12s %-8s attempts %d, %s  %s' % (state.kind, state.status, state.attempts,
@@ -2599,11 +2753,40 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def iso_date(value: str) -> datetime.date:
+def briefing_made_as(message: Message) -> Briefing | None:
+    """The briefing row whose message this is; an unsaved one (no id) for a message whose
+    title names it a briefing the worker has no record of; None for any other message."""
+    row = Briefing.get_or_none((Briefing.user_id == message.author_id)
+                               & (Briefing.message_id == message.id))
+    if row is not None:
+        return row
+    day = title_day(message.content)
+    return Briefing(user_id=message.author_id, day=day) if day is not None else None
+
+
+# The days any option takes: their local midnights are dates in UTC too, in any zone.
+FIRST_DAY, LAST_DAY = datetime.date(1, 1, 2), datetime.date(9999, 12, 30)
+
+
+def iso_date(value: str, earliest: datetime.date, latest: datetime.date,
+             why: str = '') -> datetime.date:
+    """A YYYY-MM-DD option from ``earliest`` to ``latest``; ArgumentTypeError otherwise."""
     try:
-        return datetime.datetime.strptime(value, '%Y-%m-%d').date()
+        day = datetime.datetime.strptime(value, '%Y-%m-%d').date()
     except ValueError:
         raise argparse.ArgumentTypeError('%r is not a valid date of the form YYYY-MM-DD' % value) from None
+    if not earliest <= day <= latest:
+        raise argparse.ArgumentTypeError('%r is out of range: give a date from %s to %s%s'
+                                         % (value, earliest, latest, why))
+    return day
+
+
+def briefing_date(value: str) -> datetime.date:
+    """briefing's --date: a briefing is of the day before it, a day that has begun."""
+    tomorrow = local_now().date() + datetime.timedelta(days=1)
+    return iso_date(value, FIRST_DAY + datetime.timedelta(days=1), tomorrow,
+                    " (tomorrow in WHITENOTE_TIMEZONE %s, for today's briefing so far)"
+                    % settings.timezone.key)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -2616,10 +2799,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_briefing(args: argparse.Namespace) -> int:
     day = (args.date or local_now().date()) - datetime.timedelta(days=1)
     if args.user is not None:
-        if User.get_or_none(User.id == args.user) is None:
-            print('no user with id %r' % args.user, file=sys.stderr)
-            return 1
-        user_ids = [args.user]
+        user = find_user(args.user)
+        if user is None:
+            return refuse('briefing', 'no user with id or email %r' % args.user)
+        user_ids = [user.id]
     else:
         user_ids = [user_id for user_id, _ in briefing_users()]
     failed = 0
@@ -2658,6 +2841,8 @@ class ProgressLine:
 
 
 def cmd_cleanup_versions(args: argparse.Namespace) -> int:
+    if args.message is not None and not Message.select().where(Message.id == args.message).exists():
+        return refuse('cleanup-versions', 'no message with id %r' % args.message)
     progress = ProgressLine(sys.stderr, 'to delete' if args.dry_run else 'deleted')
     try:
         deleted, messages = prune_versions(args.keep, args.message, args.dry_run, progress)
@@ -2685,11 +2870,11 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.set_defaults(handler=cmd_enqueue)
     briefing = commands.add_parser(
         'briefing', help='make the daily briefings of the day before --date now (once per day)')
-    briefing.add_argument('--user', metavar='ID', help='only this user (default: every user '
-                          'with the briefing on)')
-    briefing.add_argument('--date', type=iso_date, metavar='YYYY-MM-DD',
+    briefing.add_argument('--user', type=user_option, metavar='ID|EMAIL',
+                          help='only this user (default: every user with the briefing on)')
+    briefing.add_argument('--date', type=briefing_date, metavar='YYYY-MM-DD',
                           help='the briefing of the day before this date (default: today, in '
-                          'WHITENOTE_TIMEZONE)')
+                          "WHITENOTE_TIMEZONE; tomorrow's date makes today's so far)")
     briefing.set_defaults(handler=cmd_briefing)
     cleanup = commands.add_parser('cleanup-versions', help='prune version history: keep the '
                                   'first and the newest KEEP-1 versions of each message')
@@ -2700,7 +2885,7 @@ def build_parser() -> argparse.ArgumentParser:
     cleanup.set_defaults(handler=cmd_cleanup_versions)
     status = commands.add_parser('status', help='the queue, job counts, failures, periodic runs')
     status.add_argument('--json', action='store_true', help='one JSON object, for scripts')
-    status.add_argument('--failures', type=int, default=10, metavar='N',
+    status.add_argument('--failures', type=count_option, default=10, metavar='N',
                         help='how many of the latest failures to list (default 10)')
     status.set_defaults(handler=cmd_status)
     retry = commands.add_parser('retry', help='enqueue failed jobs again')
@@ -2710,23 +2895,24 @@ def build_parser() -> argparse.ArgumentParser:
     retag = commands.add_parser('retag', help='re-run auto-tag on existing messages, at low '
                                 'priority (new messages go first)')
     retag.add_argument('--all', action='store_true', help='every message')
-    retag.add_argument('--user', metavar='ID', help="only this user's messages")
+    retag.add_argument('--user', type=user_option, metavar='ID|EMAIL', help="only this user's messages")
     retag.add_argument('--since', type=local_day, metavar='DATE',
                        help='only messages created on or after this day (YYYY-MM-DD, WHITENOTE_TIMEZONE)')
     retag.add_argument('--failed', action='store_true', help='only messages whose auto-tag failed')
     retag.set_defaults(handler=cmd_retag)
     note = commands.add_parser('note', help='standalone mode: add a note for a local user '
                                '(created if missing) and enqueue its jobs')
-    note.add_argument('--user', required=True, metavar='EMAIL')
-    note.add_argument('text')
+    note.add_argument('--user', type=user_option, required=True, metavar='EMAIL|ID',
+                      help='the author: an email (a new user is made for a new one) or an id')
+    note.add_argument('text', help='the text of the note, or - to read it from standard input')
     note.set_defaults(handler=cmd_note)
     show = commands.add_parser('show', help='a message with its tags and job states')
     show.add_argument('message_id')
     show.set_defaults(handler=cmd_show)
     sweep_command = commands.add_parser('sweep', help='one pass of the reconciling sweep now: '
                                         'enqueue what the database says is still to do')
-    sweep_command.add_argument('--limit', type=int, metavar='N', help='enqueue at most N jobs '
-                               '(default SWEEP_MAX_ENQUEUE)')
+    sweep_command.add_argument('--limit', type=count_option, metavar='N', help='enqueue at most '
+                               'N jobs (default SWEEP_MAX_ENQUEUE)')
     sweep_command.set_defaults(handler=cmd_sweep)
     return parser
 
@@ -2736,6 +2922,12 @@ def main(argv: list[str] | None = None) -> int:
     handler = logging.StreamHandler()
     handler.setFormatter(log_formatter(settings))
     logging.basicConfig(level=settings.log_level, handlers=[handler])
+    path = database_file()
+    if path is not None and args.command not in CREATES_DATABASE and not os.path.exists(path):
+        # Run from another directory, a relative DATABASE_URL names a file that is not there.
+        return refuse(args.command, 'no database at %s (DATABASE_URL %s): run it in the '
+                      'directory that holds the database or set DATABASE_URL; '
+                      '"whitenote-huey init-db" makes a new one' % (path, _hide_password(settings.database_url)))
     try:
         database.connect(reuse_if_open=True)
     except (DatabaseError, InterfaceError, sqlite3.Error) as exc:  # a wrong password, TLS, no server

@@ -548,7 +548,7 @@ def test_command_rejects_a_bad_date(value, capsys):
 
 def test_command_names_an_unknown_user(capsys):
     assert whitenote_huey.main(['briefing', '--user', 'nobody']) == 1
-    assert "no user with id 'nobody'" in capsys.readouterr().err
+    assert "no user with id or email 'nobody'" in capsys.readouterr().err
 
 
 # Settings and the real consumer.

@@ -1,6 +1,7 @@
 """The command line as a user runs it, in a subprocess: dates, users, the database file,
 status and show, offline tags, the metrics' outcome labels and the offline briefing."""
 import datetime
+import json
 import os
 import re
 import subprocess
@@ -29,6 +30,7 @@ import whitenote_huey
 from models import Briefing
 from models import JobState
 from models import Message
+from models import User
 from models import utcnow
 
 UTC = datetime.UTC
@@ -81,6 +83,232 @@ def add_note(env: dict, cwd, user: str, text: str) -> str:
     result = cli(env, str(cwd), 'note', '--user', user, text)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
+
+
+# 1. Dates
+
+@pytest.mark.parametrize('value, says', [
+    ('0001-01-01', 'out of range'), ('0001-01-02', 'out of range'), ('9999-12-31', 'out of range'),
+    ('2026-02-30', 'YYYY-MM-DD'), ('yesterday', 'YYYY-MM-DD'),
+])
+def test_a_refused_briefing_date_is_exit_2_with_a_clear_message(tmp_path, value, says):
+    env = {'DATABASE_URL': 'sqlite:///%s/whitenote.db' % tmp_path}
+    result = cli(env, str(tmp_path), 'briefing', '--date', value)
+    refused(result, 2, 'argument --date', repr(value), says)
+
+
+def test_a_briefing_date_after_tomorrow_is_refused_saying_the_latest(tmp_path):
+    env = {'DATABASE_URL': 'sqlite:///%s/whitenote.db' % tmp_path,
+           'WHITENOTE_TIMEZONE': 'Pacific/Kiritimati'}
+    tomorrow = today('Pacific/Kiritimati') + datetime.timedelta(days=1)
+    after = tomorrow + datetime.timedelta(days=1)
+    result = cli(env, str(tmp_path), 'briefing', '--date', after.isoformat())
+    refused(result, 2, 'out of range', 'to %s' % tomorrow, 'WHITENOTE_TIMEZONE Pacific/Kiritimati')
+
+
+@pytest.mark.parametrize('zone', ['Pacific/Kiritimati', 'Etc/GMT+12'])  # UTC+14 and UTC-12
+def test_every_accepted_date_gives_a_clean_answer(db, tmp_path, zone):
+    user = make_user('edges@example.org', config={})
+    note = make_message(user, 'written today #edge')
+    env = dict(worker_env(db, redis=False), WHITENOTE_TIMEZONE=zone)
+    tomorrow = today(zone) + datetime.timedelta(days=1)
+    for since, count in (('0001-01-02', 1), ('9999-12-30', 0)):
+        retag = cli(env, str(tmp_path), 'retag', '--since', since, '--user', user.email)
+        assert retag.returncode == 0, retag.stderr
+        assert 'enqueued auto-tag for %d message(s)' % count in retag.stdout
+    assert job_state('auto-tag', note.id).status == 'pending'
+    first = cli(env, str(tmp_path), 'briefing', '--user', user.email, '--date', '0001-01-03')
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith('briefing of 0001-01-02 for user %s: empty' % user.id)
+    latest = cli(env, str(tmp_path), 'briefing', '--user', user.id, '--date', tomorrow.isoformat())
+    assert latest.returncode == 0, latest.stderr
+    assert 'briefing of %s for user %s: done' % (today(zone), user.id) in latest.stdout
+    too_early = cli(env, str(tmp_path), 'retag', '--since', '0001-01-01', '--all')
+    refused(too_early, 2, 'argument --since', 'out of range')
+
+
+# 2. Users, messages and numbers
+
+def test_every_user_option_takes_an_id_or_an_email(db, tmp_path):
+    ann = make_user('Ann@Example.org', config={})
+    bob = make_user('bob@example.org', config={})
+    make_message(ann, 'note by ann', noon(days_ago(1)))
+    make_message(bob, 'note by bob', noon(days_ago(1)))
+    env = worker_env(db, redis=False)
+    for value in (ann.id, 'Ann@Example.org', 'ann@example.ORG'):
+        retag = cli(env, str(tmp_path), 'retag', '--user', value)
+        assert retag.returncode == 0 and 'for 1 message(s)' in retag.stdout, retag.stderr
+    briefing = cli(env, str(tmp_path), 'briefing', '--user', 'bob@example.org')
+    assert briefing.returncode == 0, briefing.stderr
+    [line] = briefing.stdout.splitlines()
+    assert line.startswith('briefing of %s for user %s: done' % (days_ago(1), bob.id))
+    assert Briefing.get(Briefing.user_id == bob.id).status == 'done'
+    assert not Briefing.select().where(Briefing.user_id == ann.id).exists()
+
+
+def test_unknown_users_and_messages_are_exit_1_with_a_message(db, tmp_path):
+    user = make_user('known@example.org', config={})
+    message = make_message(user, 'here')
+    gone = make_message(user, 'deleted since')
+    JobState.create(kind='auto-tag', message_id=gone.id, user_id=user.id, status='failed')
+    gone.delete_instance()
+    env = worker_env(db, redis=False)
+    cwd = str(tmp_path)
+    refused(cli(env, cwd, 'retag', '--user', 'nobody@example.org'), 1,
+            "no user with id or email 'nobody@example.org'")
+    refused(cli(env, cwd, 'briefing', '--user', 'no-such-id'), 1,
+            "no user with id or email 'no-such-id'")
+    refused(cli(env, cwd, 'cleanup-versions', '--message', 'no-such-id'), 1,
+            "no message with id 'no-such-id'")
+    refused(cli(env, cwd, 'retry', '--message', 'no-such-id'), 1, "no message with id 'no-such-id'")
+    refused(cli(env, cwd, 'show', 'no-such-id'), 1, "no message with id 'no-such-id'")
+    # Known ones go through, a deleted message's job record included.
+    assert cli(env, cwd, 'cleanup-versions', '--message', message.id).returncode == 0
+    retry = cli(env, cwd, 'retry', '--message', gone.id)
+    assert retry.returncode == 0 and 'enqueued 1 failed job(s)' in retry.stdout, retry.stderr
+
+
+@pytest.mark.parametrize('args, says', [
+    (('sweep', '--limit', '-5'), 'argument --limit'),
+    (('sweep', '--limit', 'many'), 'argument --limit'),
+    (('status', '--failures', '-1'), 'argument --failures'),
+    (('retag', '--user', ''), 'argument --user'),
+    (('briefing', '--user', '  '), 'argument --user'),
+])
+def test_bad_numbers_and_blank_users_are_exit_2(db, tmp_path, args, says):
+    refused(cli(worker_env(db, redis=False), str(tmp_path), *args), 2, says)
+    assert not (tmp_path / 'whitenote-queue.db').exists()  # nothing was enqueued
+
+
+def test_note_refuses_a_blank_user_and_reads_standard_input(standalone, tmp_path):
+    for user in ('', '   '):
+        refused(cli(standalone, str(tmp_path), 'note', '--user', user, 'text'), 2, 'argument --user')
+    refused(cli(standalone, str(tmp_path), 'note', '--user', 'no-email', 'text'), 1,
+            "no user with id or email 'no-email'", 'email')
+    assert not User.select().exists() and not Message.select().exists()
+    # Longer than the system lets one argument be (128 KiB on Linux).
+    long_text = 'A long note #stdin\n' + 'word ' * 60_000
+    piped = cli_stdin(standalone, str(tmp_path), long_text.encode() + b'\n', 'note', '--user',
+                      'Piped@Example.org', '-')
+    assert piped.returncode == 0, piped.stderr
+    message = Message.get_by_id(piped.stdout.strip())
+    assert message.content == long_text.rstrip()
+    # The same user again, by another spelling of the email and by id.
+    again = cli_stdin(standalone, str(tmp_path), '第二条 #读书'.encode(), 'note', '--user',
+                      'piped@example.org', '-')
+    by_id = cli(standalone, str(tmp_path), 'note', '--user', message.author_id, 'third')
+    assert again.returncode == 0 and by_id.returncode == 0, again.stderr + by_id.stderr
+    assert [user.email for user in User.select()] == ['Piped@Example.org']
+    assert Message.get_by_id(again.stdout.strip()).content == '第二条 #读书'
+    refused(cli_stdin(standalone, str(tmp_path), b'\xff\xfe broken', 'note', '--user',
+                      'piped@example.org', '-'), 2, 'not UTF-8')
+    refused(cli_stdin(standalone, str(tmp_path), b' \n\n', 'note', '--user',
+                      'piped@example.org', '-'), 2, 'the text is empty')
+    assert Message.select().count() == 3
+
+
+# 3. The wrong directory
+
+READING_COMMANDS = [('show', 'cmx0wzwgm36ln1bmy0msl44dw'), ('status',), ('status', '--json'),
+                    ('sweep',), ('retag', '--all'), ('retry',), ('briefing',),
+                    ('enqueue', 'auto-tag', 'cmx0wzwgm36ln1bmy0msl44dw'), ('cleanup-versions',)]
+
+
+def test_commands_that_read_refuse_a_database_file_that_is_not_there(tmp_path):
+    """Run from another directory: nothing is made there, and the error names the file."""
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    for url, path in (('sqlite:///whitenote.db', elsewhere / 'whitenote.db'),
+                      ('sqlite:///data/notes.db', elsewhere / 'data' / 'notes.db')):
+        env = {'DATABASE_URL': url, 'WHITENOTE_SECRET': ''}  # no secret: it would be a file
+        for args in READING_COMMANDS:
+            result = cli(env, str(elsewhere), *args)
+            refused(result, 1, 'no database at %s' % path, 'DATABASE_URL %s' % url, 'init-db')
+            assert os.listdir(elsewhere) == [], args  # no database, queue or key file made
+
+
+def test_only_note_and_init_db_make_the_database(tmp_path):
+    env = {'DATABASE_URL': 'sqlite:///whitenote.db', 'WHITENOTE_SECRET': ''}
+    for command in (('init-db',), ('note', '--user', 'me@example.org', 'first #note')):
+        directory = tmp_path / command[0]
+        directory.mkdir()
+        result = cli(env, str(directory), *command)
+        assert result.returncode == 0, result.stderr
+        assert (directory / 'whitenote.db').exists()
+        status = cli(env, str(directory), 'status', '--json')
+        assert status.returncode == 0, status.stderr
+    shown = cli(env, str(tmp_path / 'note'), 'show', result.stdout.strip())
+    assert shown.returncode == 0 and '  first #note' in shown.stdout.splitlines(), shown.stderr
+
+
+# 4. status and show
+
+@pytest.mark.usefixtures('redis_queue')
+def test_status_shows_the_last_dispatch_and_the_briefings_of_recent_days(db, model, tmp_path):
+    yesterday, before = days_ago(1), days_ago(2)
+    made = make_user('made@example.org', config={})
+    make_user('quiet@example.org', config={})  # no notes: empty
+    broken = make_user('broken@example.org',
+                       config={**model_config(model), 'openai_api_key': 'sk-wrong-key-7777'})
+    for user in (made, broken):
+        make_message(user, 'a note of yesterday', noon(yesterday))
+    env = worker_env(db, redis=True)
+    cwd = str(tmp_path)
+    first = cli(env, cwd, 'briefing')  # yesterday's
+    assert first.returncode == 1, first.stderr  # one failed
+    assert cli(env, cwd, 'briefing', '--date', yesterday.isoformat()).returncode == 0
+    never = cli(env, cwd, 'status', '--json')
+    assert json.loads(never.stdout)['briefings']['last_dispatch'] is None
+    assert cli(env, cwd, 'sweep').returncode == 0  # dispatches what is due, recorded
+    result = cli(env, cwd, 'status', '--json')
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    briefings = report['briefings']
+    assert set(briefings) == {'last_dispatch', 'days'}
+    last = briefings['last_dispatch']
+    assert (last['outcome'], last['day'], last['enqueued']) == ('done', yesterday.isoformat(), 0)
+    assert last['started_at'].endswith('Z') and last['finished_at'] >= last['started_at']
+    counts = {'done': 0, 'empty': 0, 'failed': 0, 'skipped': 0, 'pending': 0, 'running': 0,
+              'other': 0}
+    assert briefings['days'] == [
+        dict(counts, day=yesterday.isoformat(), done=1, empty=1, failed=1),
+        dict(counts, day=before.isoformat(), empty=3),
+    ]
+    [failure] = report['failures']
+    assert failure['kind'] == 'daily-briefing' and failure['message_id'] is None
+    assert (failure['day'], failure['user_id'], failure['attempts']) == (
+        yesterday.isoformat(), broken.id, 1)
+    assert 'HTTP 401' in failure['error'] and 'sk-wrong-key-7777' not in result.stdout
+    text = cli(env, cwd, 'status')
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert any(line.startswith('briefings: last dispatch ') and 'for the day %s: 0 enqueued'
+               % yesterday in line for line in lines)
+    assert any(line.split() == [yesterday.isoformat(), '1', '1', '1', '0', '0', '0']
+               for line in lines)
+    assert any('daily-briefing' in line and 'day %s, user %s' % (yesterday, broken.id) in line
+               and 'HTTP 401' in line for line in lines)
+    assert any(line.startswith('  briefings: done;') for line in lines)  # among the periodic runs
+
+
+def test_show_says_a_briefing_is_one_of_which_day_and_for_whom(db, tmp_path):
+    yesterday = days_ago(1)
+    user = make_user('reader@example.org', config={})
+    make_message(user, 'read a book', noon(yesterday))
+    older = make_message(user, '# ☀️ 每日晨报 - 2024/1/5\n\nmade by the web app long ago')
+    env = worker_env(db, redis=False)
+    assert cli(env, str(tmp_path), 'briefing', '--user', user.email).returncode == 0
+    made = Briefing.get((Briefing.user_id == user.id) & (Briefing.day == yesterday))
+    shown = cli(env, str(tmp_path), 'show', made.message_id)
+    assert shown.returncode == 0, shown.stderr
+    assert ('briefing: the daily briefing of %s for reader@example.org, made by the worker '
+            '(1 of 1 message(s) by offline (no model key))' % yesterday) in shown.stdout.splitlines()
+    assert 'none has run yet' not in shown.stdout
+    by_title = cli(env, str(tmp_path), 'show', older.id)
+    assert ('briefing: the daily briefing of 2024-01-05 for reader@example.org, known by its '
+            'title (the worker has no record of making it)') in by_title.stdout.splitlines()
+    plain = cli(env, str(tmp_path), 'show', Message.get(Message.content == 'read a book').id)
+    assert 'briefing' not in plain.stdout and 'none has run yet' in plain.stdout
 
 
 # 5. Offline tags
