@@ -218,13 +218,13 @@ def test_commands_that_read_refuse_a_database_file_that_is_not_there(tmp_path):
     """Run from another directory: nothing is made there, and the error names the file."""
     elsewhere = tmp_path / 'elsewhere'
     elsewhere.mkdir()
-    for url, path in (('sqlite:///whitenote.db', elsewhere / 'whitenote.db'),
-                      ('sqlite:///data/notes.db', elsewhere / 'data' / 'notes.db')):
+    runs = [('sqlite:///whitenote.db', elsewhere / 'whitenote.db', args) for args in READING_COMMANDS]
+    runs.append(('sqlite:///data/notes.db', elsewhere / 'data' / 'notes.db', ('status',)))
+    for url, path, args in runs:
         env = {'DATABASE_URL': url, 'WHITENOTE_SECRET': ''}  # no secret: it would be a file
-        for args in READING_COMMANDS:
-            result = cli(env, str(elsewhere), *args)
-            refused(result, 1, 'no database at %s' % path, 'DATABASE_URL %s' % url, 'init-db')
-            assert os.listdir(elsewhere) == [], args  # no database, queue or key file made
+        result = cli(env, str(elsewhere), *args)
+        refused(result, 1, 'no database at %s' % path, 'DATABASE_URL %s' % url, 'init-db')
+        assert os.listdir(elsewhere) == [], args  # no database, queue or key file made
 
 
 def test_only_note_and_init_db_make_the_database(tmp_path):
