@@ -910,7 +910,8 @@ class Metrics:
         self.registry = client.CollectorRegistry()
         self.jobs = client.Counter(
             'whitenote_jobs', 'Jobs run, by kind and outcome (done, unchanged, skipped, '
-            'retrying, failed).', ['kind', 'outcome'], registry=self.registry)
+            'retrying, failed, lost: a run whose row another run took over).', ['kind', 'outcome'],
+            registry=self.registry)
         self.duration = client.Histogram(
             'whitenote_job_duration_seconds', 'How long jobs ran, by kind.', ['kind'],
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=self.registry)

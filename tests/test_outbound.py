@@ -313,6 +313,21 @@ def test_the_operators_proxy_is_not_held_to_the_policy(use, capture):
     assert request.startswith(b'POST http://1.2.3.4/v1/chat/completions ')
 
 
+def test_one_users_refused_url_does_not_stop_the_sweep_for_everyone(use, ragflow):
+    use(url_policy='public')
+    hour_ago = models.utcnow() - datetime.timedelta(hours=1)
+    refused = make_user(config=dict(ragflow_config(ragflow), ragflow_base_url='http://10.0.0.1:4154'))
+    other = make_user(config=None)  # tags offline
+    mine, theirs = make_message(refused, 'refused', hour_ago), make_message(other, 'offline #fine', hour_ago)
+    counts = whitenote_huey.sweep()
+    assert counts['enqueued'] == 3  # both auto-tags, and the refused URL's sync
+    drain(whitenote_huey.huey)
+    assert tag_names(theirs.id) == ['fine']
+    state = job_state('sync-ragflow', mine.id)
+    assert state.status == 'failed' and 'refused by WHITENOTE_URL_POLICY=public' in state.last_error
+    assert ragflow.requests == []
+
+
 # 3. Nothing is shared between users' calls.
 
 def test_a_cookie_one_users_ragflow_sets_is_not_sent_with_another_users_requests(ragflow):
