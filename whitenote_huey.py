@@ -1398,13 +1398,13 @@ MODEL_REQUEST_HEADERS = ('host', 'content-type', 'content-length', 'transfer-enc
 
 
 def _model_request_headers(api_key: str) -> Callable[[httpx2.Request], None]:
+    ours = [('accept', 'application/json'), ('accept-encoding', 'identity'),
+            ('authorization', 'Bearer %s' % api_key), ('user-agent', 'whitenote-huey')]
+
     def only_these(request: httpx2.Request) -> None:
-        kept = [(name, request.headers[name]) for name in MODEL_REQUEST_HEADERS if name in request.headers]
-        for name in list(request.headers):
-            del request.headers[name]
-        request.headers.update(kept)
-        request.headers.update({'accept': 'application/json', 'accept-encoding': 'identity',
-                                'authorization': 'Bearer %s' % api_key, 'user-agent': 'whitenote-huey'})
+        headers = request.headers
+        request.headers = httpx2.Headers([(name, headers[name]) for name in MODEL_REQUEST_HEADERS
+                                          if name in headers] + ours)
     return only_these
 
 
