@@ -117,20 +117,21 @@ def peak_rss_kb(pid: int) -> int:
 @pytest.mark.parametrize('db', ['postgresql'], indirect=True)
 def test_four_workers_hostile_endpoints_hold_no_other_users_job_back(db, redis_queue, model, ragflow, tmp_path):
     """A real consumer with four thread workers.  Users whose model or RAGFlow drips a byte
-    a second, sends a body without end, answers with 60 KB of "[" or with an error built
-    to forge log lines: a normal user's auto-tag enqueued behind their jobs ends at most
-    about one deadline later than it does alone, and the consumer's peak memory grows by
-    far less than one endless answer would take in a deadline."""
+    a second (four of them: every worker is held), sends a body without end, answers with
+    60 KB of "[" or with an error built to forge log lines: a normal user's auto-tag
+    enqueued behind their jobs ends at most about one deadline later than it does alone,
+    and the consumer's peak memory grows by far less than one endless answer would take
+    in a deadline."""
     deadline, limit = 3, 256 * 1024
     env = dict(worker_env(db, redis=True), HTTP_TIMEOUT=str(deadline), HTTP_MAX_BYTES=str(limit))
     normal = make_user(config=dict(model_config(model), **ragflow_config(ragflow)))
     hostile = {}
-    for name, reply in (('drip', drip(1.0)), ('endless', endless()), ('trap', text(NESTED)),
+    for name, reply in (('drip', drip(1.0)), ('drip2', drip(0.5)), ('endless', endless()), ('trap', text(NESTED)),
                         ('forger', error(400, 'bad\n2026-01-01 00:00:00,000 INFO [auto-tag] forged done\x1b[2J'))):
         fake = FakeModel(api_key='sk-%s-%s' % (name, secrets.token_hex(6))).start()
         fake.default = reply
         hostile[name] = (make_user(config=model_config(fake)), fake)
-    for name, kind in (('ragflow-drip', 'drip'), ('ragflow-endless', 'endless')):
+    for name, kind in (('ragflow-drip', 'drip'), ('ragflow-drip2', 'drip'), ('ragflow-endless', 'endless')):
         fake = FakeRagflow().start()
         fake.fail_next(kind, times=1000, seconds=1.0)
         hostile[name] = (make_user(config=ragflow_config(fake, enable_auto_tag=False)), fake)
@@ -173,8 +174,8 @@ def test_four_workers_hostile_endpoints_hold_no_other_users_job_back(db, redis_q
     # Two endless answers read for one deadline each would take hundreds of MB.
     assert rss_after - rss_before < 64 * 1024, (rss_before, rss_after)
     reasons = {name: state.last_error for name, state in states.items()}
-    assert 'no complete answer within HTTP_TIMEOUT (3s)' in reasons['drip']
-    assert 'no complete answer within HTTP_TIMEOUT (3s)' in reasons['ragflow-drip']
+    for name in ('drip', 'drip2', 'ragflow-drip', 'ragflow-drip2'):
+        assert 'no complete answer within HTTP_TIMEOUT (3s)' in reasons[name]
     assert 'larger than HTTP_MAX_BYTES (262144 bytes)' in reasons['endless']
     assert 'larger than HTTP_MAX_BYTES (262144 bytes)' in reasons['ragflow-endless']
     assert 'nested too deeply' in reasons['trap']
