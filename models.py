@@ -15,6 +15,7 @@ import time
 
 from peewee import BooleanField
 from peewee import CompositeKey
+from peewee import DatabaseError
 from peewee import DatabaseProxy
 from peewee import DateField
 from peewee import DateTimeField
@@ -380,7 +381,10 @@ class JobState(BaseModel):
     a run due or under way: pending, queued (enqueued by the sweep), retrying,
     running.  For those, ``lease_until`` is when the run is taken to be lost: a
     running job's lease, renewed while its worker lives, the time its retry is due,
-    or how long a queued job may wait.
+    or how long a queued job may wait.  ``owner`` is the token of the run that claimed
+    the row last: a run writes only while the row is still its own.  ``lost_runs``
+    counts the runs that died holding the row (their lease ran out) since an outcome
+    was last recorded.
     """
     kind = TextField()
     message_id = TextField()
@@ -396,6 +400,8 @@ class JobState(BaseModel):
     lease_until = DateTimeField(null=True)
     created_at = DateTimeField(default=utcnow)
     updated_at = DateTimeField(default=utcnow, index=True)
+    owner = TextField(null=True)
+    lost_runs = IntegerField(default=0)
 
     class Meta:
         table_name = 'whitenote_huey_job'
@@ -414,47 +420,74 @@ class JobState(BaseModel):
         return cls(kind=kind, message_id=message_id, user_id=user_id)
 
     @classmethod
-    def claim(cls, kind: str, message_id: str, user_id: str, input_hash: str,
+    def claim(cls, kind: str, message_id: str, user_id: str, owner: str, input_hash: str,
               now: datetime.datetime, lease_until: datetime.datetime, exists: bool) -> bool:
-        """Mark the job running for this input unless a live run holds its row (status
-        running, lease not yet over); a missing row is made already claimed.  One atomic
+        """Mark the job running for this input and ``owner`` unless a live run holds its
+        row (status running, lease not yet over); a missing row is made already claimed.
+        Taking over a run whose lease ran out counts it in ``lost_runs``.  One atomic
         statement, so two workers on one message cannot both proceed.  ``exists``: the
         row was read, so a plain UPDATE does (an upsert takes a number of the id
         sequence on PostgreSQL each time, even when the row is there)."""
         free = ('"whitenote_huey_job"."status" != \'running\' '
                 'OR "whitenote_huey_job"."lease_until" IS NULL '
                 'OR "whitenote_huey_job"."lease_until" <= ?')
+        lost = ('CASE WHEN "whitenote_huey_job"."status" = \'running\' '
+                'THEN "whitenote_huey_job"."lost_runs" + 1 ELSE "whitenote_huey_job"."lost_runs" END')
         if exists:
-            statement = ('UPDATE "whitenote_huey_job" SET "status" = \'running\', "content_hash" = ?, '
-                         '"attempts" = "attempts" + 1, "lease_until" = ?, "updated_at" = ? '
-                         'WHERE "kind" = ? AND "message_id" = ? AND (%s)' % free)
-            params = (input_hash, lease_until, now, kind, message_id, now)
+            statement = ('UPDATE "whitenote_huey_job" SET "status" = \'running\', "owner" = ?, '
+                         '"content_hash" = ?, "attempts" = "attempts" + 1, "lost_runs" = %s, '
+                         '"lease_until" = ?, "updated_at" = ? '
+                         'WHERE "kind" = ? AND "message_id" = ? AND (%s)' % (lost, free))
+            params = (owner, input_hash, lease_until, now, kind, message_id, now)
         else:
             statement = (
-                'INSERT INTO "whitenote_huey_job" ("kind", "message_id", "user_id", "status", '
-                '"content_hash", "attempts", "tags_added", "lease_until", "created_at", "updated_at") '
-                "VALUES (?, ?, ?, 'running', ?, 1, '[]', ?, ?, ?) "
+                'INSERT INTO "whitenote_huey_job" ("kind", "message_id", "user_id", "status", "owner", '
+                '"content_hash", "attempts", "lost_runs", "tags_added", "lease_until", "created_at", '
+                '"updated_at") '
+                "VALUES (?, ?, ?, 'running', ?, ?, 1, 0, '[]', ?, ?, ?) "
                 'ON CONFLICT ("kind", "message_id") DO UPDATE SET '
-                '"status" = excluded."status", "content_hash" = excluded."content_hash", '
-                '"attempts" = "whitenote_huey_job"."attempts" + 1, '
+                '"status" = excluded."status", "owner" = excluded."owner", '
+                '"content_hash" = excluded."content_hash", '
+                '"attempts" = "whitenote_huey_job"."attempts" + 1, "lost_runs" = %s, '
                 '"lease_until" = excluded."lease_until", "updated_at" = excluded."updated_at" '
-                'WHERE %s' % free)
-            params = (kind, message_id, user_id, input_hash, lease_until, now, now, now)
+                'WHERE %s' % (lost, free))
+            params = (kind, message_id, user_id, owner, input_hash, lease_until, now, now, now)
         return database.execute_sql(sql(statement), params).rowcount == 1
 
     @classmethod
-    def write(cls, kind: str, message_id: str, user_id: str, exists: bool, **fields) -> int:
-        """Set these columns of the job's row (``updated_at`` among them): an UPDATE when
-        the row ``exists``, else one statement that makes it if it is still missing.
-        Returns the number of rows written."""
+    def write(cls, kind: str, message_id: str, owner: str, **fields) -> int:
+        """Set these columns of the job's row while ``owner`` holds it; 0 once it does not."""
+        statement = update_sql(cls._meta.table_name, tuple(fields), ('kind', 'message_id', 'owner'),
+                               database.param)
+        return database.execute_sql(statement, (*fields.values(), kind, message_id, owner)).rowcount
+
+    @classmethod
+    def write_unclaimed(cls, read: 'JobState', now: datetime.datetime, **fields) -> int:
+        """Set these columns of the job's row for a run that holds no claim: only if the
+        row is as the run ``read`` it (or still missing) and no live run holds it.
+        Returns the number of rows written (0: the row moved on, the outcome is stale)."""
         table = cls._meta.table_name
-        if exists:
-            statement = update_sql(table, tuple(fields), ('kind', 'message_id'), database.param)
-            return database.execute_sql(statement, (*fields.values(), kind, message_id)).rowcount
-        row = {'kind': kind, 'message_id': message_id, 'user_id': user_id, 'status': 'pending',
-               'attempts': 0, 'tags_added': '[]', 'created_at': fields['updated_at'], **fields}
-        statement = upsert_sql(table, tuple(row), ('kind', 'message_id'), tuple(fields), database.param)
-        return database.execute_sql(statement, tuple(row.values())).rowcount
+        if read.id is None:
+            row = {'kind': read.kind, 'message_id': read.message_id, 'user_id': read.user_id,
+                   'status': 'pending', 'attempts': 0, 'lost_runs': 0, 'tags_added': '[]',
+                   'created_at': now, **fields}
+            statement = 'INSERT INTO "%s" (%s) VALUES (%s) ON CONFLICT ("kind", "message_id") DO NOTHING' % (
+                table, ', '.join('"%s"' % name for name in row), placeholders(len(row)))
+            return database.execute_sql(sql(statement), tuple(row.values())).rowcount
+        statement = ('UPDATE "%s" SET %s WHERE "kind" = ? AND "message_id" = ? AND "status" = ? '
+                     'AND "updated_at" = ? AND NOT ("status" = \'running\' AND "lease_until" > ?)' % (
+                         table, ', '.join('"%s" = ?' % name for name in fields)))
+        return database.execute_sql(sql(statement), (*fields.values(), read.kind, read.message_id,
+                                                     read.status, read.updated_at, now)).rowcount
+
+    @classmethod
+    def owned(cls, kind: str, message_id: str, owner: str, now: datetime.datetime) -> bool:
+        """Whether ``owner`` still holds the job's row under a live lease."""
+        cursor = database.execute_sql(sql(
+            'SELECT 1 FROM "whitenote_huey_job" WHERE "kind" = ? AND "message_id" = ? '
+            'AND "owner" = ? AND "status" = \'running\' AND "lease_until" > ?'),
+            (kind, message_id, owner, now))
+        return cursor.fetchone() is not None
 
 
 class Briefing(BaseModel):
@@ -464,7 +497,8 @@ class Briefing(BaseModel):
     (status "running", its token in ``owner``, a lease), asks the model outside any
     transaction, then writes the message and marks the row "done" in one transaction,
     only while it still owns the row.  A claim whose lease ran out can be taken over,
-    and the run that lost it can no longer write.
+    and the run that lost it can no longer write.  ``lost_runs`` counts the runs that
+    died holding the day (their lease ran out) since an outcome was last recorded.
     """
     user_id = TextField()
     day = DateField()
@@ -479,6 +513,7 @@ class Briefing(BaseModel):
     lease_until = DateTimeField(null=True)
     created_at = DateTimeField(default=utcnow)
     updated_at = DateTimeField(default=utcnow)
+    lost_runs = IntegerField(default=0)
 
     class Meta:
         table_name = 'whitenote_huey_briefing'
@@ -496,15 +531,17 @@ class Briefing(BaseModel):
     def claim(cls, user_id: str, day: datetime.date, owner: str, statuses: tuple[str, ...],
               now: datetime.datetime, lease_until: datetime.datetime) -> bool:
         """Take the day for ``owner`` if its row is missing, in one of ``statuses``, or
-        running under a lease that ran out.  One atomic statement: of two runs at once,
-        one proceeds."""
+        running under a lease that ran out (counted in ``lost_runs``).  One atomic
+        statement: of two runs at once, one proceeds."""
         cursor = database.execute_sql(sql(
             'INSERT INTO "whitenote_huey_briefing" ("user_id", "day", "status", "owner", '
-            '"attempts", "lease_until", "created_at", "updated_at") '
-            "VALUES (?, ?, 'running', ?, 1, ?, ?, ?) "
+            '"attempts", "lost_runs", "lease_until", "created_at", "updated_at") '
+            "VALUES (?, ?, 'running', ?, 1, 0, ?, ?, ?) "
             'ON CONFLICT ("user_id", "day") DO UPDATE SET '
             '"status" = excluded."status", "owner" = excluded."owner", '
             '"attempts" = "whitenote_huey_briefing"."attempts" + 1, '
+            '"lost_runs" = CASE WHEN "whitenote_huey_briefing"."status" = \'running\' '
+            'THEN "whitenote_huey_briefing"."lost_runs" + 1 ELSE "whitenote_huey_briefing"."lost_runs" END, '
             '"lease_until" = excluded."lease_until", "updated_at" = excluded."updated_at" '
             'WHERE "whitenote_huey_briefing"."status" IN (%s) '
             'OR ("whitenote_huey_briefing"."status" = \'running\' '
@@ -548,6 +585,29 @@ class SweepCursor(BaseModel):
 
 WORKER_MODELS = (JobState, Briefing, WorkerRun, SweepCursor)
 
+# Columns added to the worker's tables after they were first made: (model, column, type).
+ADDED_COLUMNS = ((JobState, 'owner', 'TEXT'),
+                 (JobState, 'lost_runs', 'INTEGER NOT NULL DEFAULT 0'),
+                 (Briefing, 'lost_runs', 'INTEGER NOT NULL DEFAULT 0'))
+
+
+def add_missing_columns() -> list[str]:
+    """Add the ADDED_COLUMNS a worker's table made by an older version lacks; each in a
+    transaction of its own, so that of two workers starting at once, one adds it."""
+    added = []
+    for model, column, kind in ADDED_COLUMNS:
+        table = model._meta.table_name
+        if column in {found.name for found in database.get_columns(table)}:
+            continue
+        try:
+            with database.atomic():
+                database.execute_sql('ALTER TABLE "%s" ADD COLUMN "%s" %s' % (table, column, kind))
+            added.append('%s.%s' % (table, column))
+        except DatabaseError:
+            if column not in {found.name for found in database.get_columns(table)}:
+                raise
+    return added
+
 
 def create_tables() -> list[str]:
     """Create what is missing: a web-app table only if absent, the worker's own always.
@@ -567,4 +627,4 @@ def create_tables() -> list[str]:
             if not database.table_exists(model._meta.table_name):
                 created.append(model._meta.table_name)
         database.create_tables(WORKER_MODELS, safe=True)
-    return created
+    return created + add_missing_columns()

@@ -15,6 +15,7 @@ import dataclasses
 import datetime
 import functools
 import hashlib
+import http.cookiejar
 import ipaddress
 import json
 import logging
@@ -39,6 +40,8 @@ from urllib.parse import urlparse
 from zoneinfo import ZoneInfo
 from zoneinfo import ZoneInfoNotFoundError
 
+import httpcore2
+import httpx2
 import openai
 import psycopg2.extensions
 from dotenv import load_dotenv
@@ -99,7 +102,11 @@ class SettingsError(ValueError):
     """A setting with a value the worker cannot use; the message names the setting."""
 
 
-@dataclasses.dataclass(frozen=True)
+# The settings that hold a secret: shown as *** by Settings' repr (URLs without their password).
+SECRET_SETTINGS = ('openai_api_key', 'ragflow_api_key', 'secret')
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
 class Settings:
     database_url: str
     redis_url: str
@@ -107,7 +114,7 @@ class Settings:
     openai_base_url: str
     auto_tag_model: str
     ragflow_base_url: str
-    ragflow_api_key: str = dataclasses.field(repr=False)
+    ragflow_api_key: str
     ragflow_dataset_id: str
     briefing_model: str
     briefing_max_chars: int
@@ -127,6 +134,20 @@ class Settings:
     metrics_port: int
     metrics_addr: str
     url_policy: str = 'any'
+    http_max_bytes: int = 1 << 20
+    ragflow_max_pages: int = 10
+    max_lost_runs: int = 3
+
+    def __repr__(self) -> str:
+        shown = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name in SECRET_SETTINGS:
+                value = '***' if value else ''
+            elif field.name.endswith('_url'):
+                value = _hide_password(value)
+            shown.append('%s=%r' % (field.name, value))
+        return 'Settings(%s)' % ', '.join(shown)
 
     @property
     def data_dir(self) -> str:
@@ -148,6 +169,11 @@ def _url(env: dict, name: str, schemes: tuple, default: str = '') -> str:
     if parsed.scheme not in schemes:
         raise SettingsError('%s: %r is not a URL with scheme %s'
                             % (name, _hide_password(value), ' or '.join(schemes)))
+    if parsed.scheme == 'sqlite' and not (value.startswith('sqlite:///') or value == 'sqlite://') \
+            or parsed.scheme == 'sqlite' and (parsed.query or parsed.fragment):
+        # urlparse would drop a host, a query or the first letter of a relative path: another file.
+        raise SettingsError('%s: %r is not a SQLite URL of a file: write sqlite:///relative/path or '
+                            'sqlite:////absolute/path' % (name, value))
     if parsed.scheme not in ('sqlite', 'unix') and not parsed.hostname:
         raise SettingsError('%s: %r has no host' % (name, _hide_password(value)))
     try:
@@ -164,24 +190,45 @@ def _queue_name(env: dict) -> str:
     return name
 
 
+_PASSWORD_PARAMETER = re.compile(r'((?:^|[?&;])[^=&;#]*(?:password|secret|key)[^=&;#]*=)[^&;#]*',
+                                 re.IGNORECASE)
+
+
 def _hide_password(url: str) -> str:
-    return re.sub(r'//([^:/@]*):[^@/]*@', r'//\1:***@', url)
+    """The URL with the password of its user:password@ and of its query (?password=) as ***."""
+    scheme, sep, rest = url.partition('://')
+    if not sep:
+        return url
+    end = min((rest.find(mark) for mark in '/?#' if mark in rest), default=len(rest))
+    userinfo, at, host = rest[:end].rpartition('@')
+    if at and ':' in userinfo:
+        rest = '%s:***@%s%s' % (userinfo.partition(':')[0], host, rest[end:])
+    path, mark, query = rest.partition('?')
+    if mark:
+        rest = path + mark + _PASSWORD_PARAMETER.sub(r'\1***', query)
+    return scheme + sep + rest
 
 
-def _float(env: dict, name: str, default: float) -> float:
+# Numbers in settings: ASCII digits with an optional fraction, finite, within bounds.
+_NUMBER = re.compile(r'[0-9]+(?:\.[0-9]+)?')
+
+
+def _float(env: dict, name: str, default: float, maximum: float = 1e9) -> float:
     raw = env.get(name, '').strip()
-    try:
-        value = float(raw) if raw else default
-    except ValueError:
-        raise SettingsError('%s: %r is not a number' % (name, raw)) from None
-    if value <= 0:
-        raise SettingsError('%s: must be greater than 0, not %r' % (name, raw))
+    if not raw:
+        return default
+    if not _NUMBER.fullmatch(raw):
+        raise SettingsError('%s: %r is not a number (ASCII digits, with an optional decimal part)'
+                            % (name, raw))
+    value = float(raw)  # digits only: never nan; inf when too long, refused below
+    if not 0 < value <= maximum:
+        raise SettingsError('%s: must be greater than 0 and at most %g, not %r' % (name, maximum, raw))
     return value
 
 
-def _int(env: dict, name: str, default: int) -> int:
-    value = _float(env, name, default)
-    if value != int(value):
+def _int(env: dict, name: str, default: int, maximum: int = 10 ** 9) -> int:
+    value = _float(env, name, default, maximum)
+    if not float(value).is_integer():
         raise SettingsError('%s: %r is not a whole number' % (name, env.get(name)))
     return int(value)
 
@@ -190,9 +237,26 @@ def _port(env: dict, name: str) -> int:
     raw = env.get(name, '').strip()
     if not raw:
         return 0
-    if not raw.isdigit() or not 0 < int(raw) < 65536:
+    if not re.fullmatch(r'[0-9]{1,5}', raw) or not 0 < int(raw) < 65536:
         raise SettingsError('%s: %r is not a port number (1-65535)' % (name, raw))
     return int(raw)
+
+
+# The placeholder of .env.example (change-me-...), and values like it that anyone can guess.
+PLACEHOLDER_SECRET = re.compile(r'.*change.?me.*|.*placeholder.*|secret|password', re.IGNORECASE)
+MIN_SECRET_CHARS = 16
+
+
+def _secret(env: dict) -> str:
+    """WHITENOTE_SECRET, unless it is a placeholder or too short to be a key."""
+    value = env.get('WHITENOTE_SECRET', '').strip()
+    if value and PLACEHOLDER_SECRET.fullmatch(value):
+        raise SettingsError('WHITENOTE_SECRET: %r is a placeholder, not a secret; set a long random '
+                            'value (openssl rand -hex 32)' % value)
+    if value and len(value) < MIN_SECRET_CHARS:
+        raise SettingsError('WHITENOTE_SECRET: too short (%d characters, at least %d); set a long '
+                            'random value (openssl rand -hex 32)' % (len(value), MIN_SECRET_CHARS))
+    return value
 
 
 def load_settings(env: dict | None = None) -> Settings:
@@ -231,23 +295,26 @@ def load_settings(env: dict | None = None) -> Settings:
         ragflow_api_key=ragflow_api_key,
         ragflow_dataset_id=ragflow_dataset_id,
         briefing_model=env.get('BRIEFING_MODEL', '').strip() or 'gpt-3.5-turbo',
-        briefing_max_chars=_int(env, 'BRIEFING_MAX_CHARS', 12000),
+        briefing_max_chars=_int(env, 'BRIEFING_MAX_CHARS', 12000, 10 ** 7),
         timezone=timezone,
-        secret=env.get('WHITENOTE_SECRET', '').strip(),
+        secret=_secret(env),
         queue_name=_queue_name(env),
-        http_timeout=_float(env, 'HTTP_TIMEOUT', 20.0),
-        job_lease=_float(env, 'JOB_LEASE_SECONDS', 60.0),
-        sweep_minutes=_int(env, 'SWEEP_MINUTES', 1),
-        sweep_lookback=_float(env, 'SWEEP_LOOKBACK_HOURS', 24.0) * 3600,
-        sweep_grace=_float(env, 'SWEEP_GRACE_SECONDS', 10.0),
-        sweep_requeue=_float(env, 'SWEEP_REQUEUE_SECONDS', 300.0),
-        sweep_max_enqueue=_int(env, 'SWEEP_MAX_ENQUEUE', 500),
-        sweep_scan_batch=_int(env, 'SWEEP_SCAN_BATCH', 5000),
+        http_timeout=_float(env, 'HTTP_TIMEOUT', 20.0, 3600),
+        job_lease=_float(env, 'JOB_LEASE_SECONDS', 60.0, 86400),
+        sweep_minutes=_int(env, 'SWEEP_MINUTES', 1, 1440),
+        sweep_lookback=_float(env, 'SWEEP_LOOKBACK_HOURS', 24.0, 24 * 366) * 3600,
+        sweep_grace=_float(env, 'SWEEP_GRACE_SECONDS', 10.0, 86400),
+        sweep_requeue=_float(env, 'SWEEP_REQUEUE_SECONDS', 300.0, 7 * 86400),
+        sweep_max_enqueue=_int(env, 'SWEEP_MAX_ENQUEUE', 500, 10 ** 6),
+        sweep_scan_batch=_int(env, 'SWEEP_SCAN_BATCH', 5000, 10 ** 6),
         log_level=log_level,
         log_format=log_format,
         metrics_port=_port(env, 'METRICS_PORT'),
         metrics_addr=env.get('METRICS_ADDR', '').strip() or '127.0.0.1',
         url_policy=url_policy,
+        http_max_bytes=_int(env, 'HTTP_MAX_BYTES', 1 << 20, 1 << 30),
+        ragflow_max_pages=_int(env, 'RAGFLOW_MAX_PAGES', 10, 10 ** 5),
+        max_lost_runs=_int(env, 'JOB_MAX_LOST_RUNS', 3, 1000),
     )
 
 
@@ -278,6 +345,21 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry['exception'] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+class PrintableFilter(logging.Filter):
+    """Escapes every line the worker logs (printable): the text it holds from users, models
+    and RAGFlow cannot forge a log line or clear a terminal, whatever the handler."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        escaped = printable(message)
+        if escaped != message:
+            record.msg, record.args = escaped, None
+        return True
+
+
+logger.addFilter(PrintableFilter())
 
 
 def log_formatter(config: Settings) -> logging.Formatter:
@@ -345,29 +427,35 @@ use_database(settings.database_url)
 def load_secret(config: Settings) -> str:
     """WHITENOTE_SECRET, else a random key kept in a file beside the data (one host only).
 
-    The file is written whole under another name, then linked into place: of two
-    processes making it at once, one wins and the other reads the winner's key.
+    A new key is written whole under a name of its own, then linked to the shared name,
+    which fails if another process linked its key first; every process then reads the
+    one file.  So processes starting at once agree on the key, and none reads a file
+    half written.
     """
     if config.secret:
         return config.secret
     path = os.path.join(config.data_dir, '.whitenote-secret')
     try:
-        with open(path) as handle:
-            return handle.read().strip()
-    except FileNotFoundError:
-        pass
-    key = secrets.token_hex(32)
-    draft = '%s.%d-%s' % (path, os.getpid(), secrets.token_hex(4))
-    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, 'w') as handle:
-            handle.write(key)
-        os.link(draft, path)
-    except FileExistsError:
+        if not os.path.exists(path):
+            own = '%s.%d.%s' % (path, os.getpid(), secrets.token_hex(4))
+            with open(os.open(own, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), 'w') as handle:
+                handle.write(secrets.token_hex(32))
+                handle.flush()
+                os.fsync(handle.fileno())
+            try:
+                os.link(own, path)
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(own)
         with open(path) as handle:
             key = handle.read().strip()
-    finally:
-        os.unlink(draft)
+    except OSError as exc:
+        raise SettingsError('WHITENOTE_SECRET is unset and the key file %s cannot be made or read: %s'
+                            % (path, exc)) from None
+    if len(key) < MIN_SECRET_CHARS:
+        raise SettingsError('WHITENOTE_SECRET is unset and the key file %s is %s: delete it (a new key '
+                            'is made) or set WHITENOTE_SECRET' % (path, 'empty' if not key else 'too short'))
     return key
 
 
@@ -384,12 +472,16 @@ class CheckedSerializer(SignedSerializer):
         self._key = None
         self._key_lock = threading.Lock()
 
-    def _signature(self, message: bytes) -> bytes:
+    def load_key(self) -> None:
+        """Read (or make) the key now; a missing or unusable one raises SettingsError."""
         if self._key is None:
             with self._key_lock:
                 if self._key is None:
                     secret = load_secret(self.config).encode('utf-8')
                     self._key = hashlib.sha1(self.salt + secret).digest()
+
+    def _signature(self, message: bytes) -> bytes:
+        self.load_key()
         return super()._signature(message)
 
     def _unsign(self, signed: bytes) -> bytes:
@@ -413,6 +505,10 @@ class ConsumerLogging:
         if settings.log_format == 'json':
             for handler in logging.getLogger('huey').handlers:
                 handler.setFormatter(JsonFormatter())
+        try:
+            self.serializer.load_key()  # an unusable key stops the start, not the first job
+        except SettingsError as exc:
+            raise SystemExit('whitenote-huey: bad setting: %s' % exc) from None
         return super().create_consumer(**options)
 
 
@@ -462,7 +558,10 @@ def make_huey(config: Settings) -> Huey:
                                **options)
 
 
-huey = make_huey(settings)
+try:
+    huey = make_huey(settings)
+except SettingsError as exc:
+    raise SystemExit('whitenote-huey: bad setting: %s' % exc) from None
 
 
 def enqueue_all(tasks: list[Task], batch: int = 500) -> None:
@@ -492,7 +591,7 @@ def queue_error(exc: Exception) -> str:
     password = urlparse(settings.redis_url).password or ''
     return 'the queue at REDIS_URL %s cannot be used: %s: %s' % (
         _hide_password(settings.redis_url), type(exc).__name__,
-        redact(str(exc), password, unquote(password))[:300])
+        clip(exc, 300, password, unquote(password)))
 
 
 # Errors and retries.
@@ -528,6 +627,32 @@ def redact(text: str, *keys: str) -> str:
         if key and len(key) >= 4:
             text = text.replace(key, '***')
     return _SECRET_PATTERNS.sub(lambda m: (m.group(1) or m.group(2) or '') + '***', text)
+
+
+# What printable() escapes: C0 and C1 controls (newlines, terminal escapes), DEL, the line
+# and paragraph separators, the bidirectional overrides, and lone surrogates.
+_UNPRINTABLE = re.compile('[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e'
+                          '\u2066-\u2069\ud800-\udfff]')
+_ESCAPES = {'\n': '\\n', '\r': '\\r', '\t': '\\t'}
+
+
+def printable(text: object) -> str:
+    """Untrusted text (an answer's error, a model name, a note) made safe for a log line or
+    a terminal: what could end the line, move the cursor or clear the screen is escaped,
+    as \\n, \\x1b or \\u202e, so it can neither forge a line nor rewrite one."""
+    return _UNPRINTABLE.sub(_escape, str(text))
+
+
+def _escape(match: re.Match) -> str:
+    char = match.group()
+    return _ESCAPES.get(char) or ('\\x%02x' % ord(char) if ord(char) < 0x100 else '\\u%04x' % ord(char))
+
+
+def clip(text: object, limit: int, *keys: str) -> str:
+    """Untrusted text for a log, a record or an error message: keys masked, then escaped
+    (printable), then cut to ``limit`` characters, in that order, so that no part of a
+    key survives a cut."""
+    return printable(redact(str(text), *keys))[:limit]
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -575,6 +700,7 @@ class LeaseKeeper:
         self._runs: set[JobRun] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._held = threading.Event()  # a run came: look at the time now, not after a long sleep
 
     def hold(self, run: 'JobRun') -> None:
         with self._lock:
@@ -583,6 +709,7 @@ class LeaseKeeper:
                 self._thread = threading.Thread(target=self._renew_forever, name='lease-keeper',
                                                 daemon=True)
                 self._thread.start()
+        self._held.set()
 
     def release(self, run: 'JobRun') -> None:
         with self._lock:
@@ -591,7 +718,8 @@ class LeaseKeeper:
     def _renew_forever(self) -> None:
         renewed = time.monotonic()
         while True:
-            time.sleep(min(1.0, settings.job_lease / 3))
+            self._held.wait(min(1.0, settings.job_lease / 3))
+            self._held.clear()
             with self._lock:
                 runs = list(self._runs)
             if not runs or time.monotonic() - renewed < settings.job_lease / 3:
@@ -601,30 +729,42 @@ class LeaseKeeper:
                 self.renew(runs)
             except Exception as exc:
                 logger.warning('could not renew the leases of %d running job(s): %s',
-                               len(runs), redact(str(exc))[:300])
+                               len(runs), clip(exc, 300))
 
     @staticmethod
     def renew(runs: list['JobRun']) -> None:
-        until = utcnow() + datetime.timedelta(seconds=settings.job_lease)
+        now = utcnow()
+        until = now + datetime.timedelta(seconds=settings.job_lease)
         tables: dict[type, list[Expression]] = {}
         for run in runs:
             tables.setdefault(run.model, []).append(run.mine())
         with database.connection_context():
             for model, rows in tables.items():
+                # A lease that ran out stays out (its row may be taken over at any time):
+                # a worker paused past it, then resumed, does not extend it.
                 (model
                  .update(lease_until=until)
-                 .where(functools.reduce(operator.or_, rows) & (model.status == 'running'))
+                 .where(functools.reduce(operator.or_, rows) & (model.status == 'running')
+                        & (model.lease_until > now))
                  .execute())
 
 
 leases = LeaseKeeper()
 
 
+class LeaseLost(Exception):
+    """A run's row is no longer its own (its lease ran out and another run took the job
+    over, or the row changed under a run that held no claim): it stops, writing nothing."""
+
+
 class JobRun:
     """One run of a job on one message: its state row and its outcome.
 
-    The row is read at the start (and again once claimed), and written only when there
-    is something to record, each time in one statement, which makes it if it is missing.
+    The row is read at the start (and again once claimed).  Every write is conditional:
+    once claimed, on the row still being this run's (its ``owner`` token); before, on
+    the row being as the run read it and held by no live run.  A write that finds the
+    row gone from under it raises LeaseLost, and so does ``hold()`` before a step with
+    effects outside the database, such as a RAGFlow delete.
     """
     model = JobState
 
@@ -632,6 +772,7 @@ class JobRun:
         self.kind = kind
         self.message_id = message_id
         self.user_id = user_id
+        self.token = secrets.token_hex(8)
         self.state = self.load_state()
         self.outcome = 'unchanged'
         self.retry_in: float | None = None  # deferred: seconds until it runs again
@@ -642,19 +783,21 @@ class JobRun:
         return JobState.lookup(self.kind, self.message_id, self.user_id)
 
     def mine(self) -> Expression:
-        """The rows this run's updates may touch: its own state row."""
-        return (JobState.kind == self.kind) & (JobState.message_id == self.message_id)
+        """The rows this run's updates may touch: its own state row, while it owns it."""
+        return ((JobState.kind == self.kind) & (JobState.message_id == self.message_id)
+                & (JobState.owner == self.token))
 
     def claim(self, input_hash: str) -> bool:
         """Mark the job running for this input, unless another live run holds the row.
 
         One atomic statement, so two workers on one message cannot both proceed.  The
         lease is renewed while this process lives; that of a worker that died expires
-        after JOB_LEASE_SECONDS, and the row is free again.
+        after JOB_LEASE_SECONDS, and the row is free again.  A job whose runs died with
+        their worker more than JOB_MAX_LOST_RUNS times is failed here, not run again.
         """
         now = utcnow()
         lease_until = now + datetime.timedelta(seconds=settings.job_lease)
-        if not JobState.claim(self.kind, self.message_id, self.user_id, input_hash, now,
+        if not JobState.claim(self.kind, self.message_id, self.user_id, self.token, input_hash, now,
                               lease_until, exists=self.state.id is not None):
             return False
         # Read again: a run that finished since this one first read the row may have
@@ -662,12 +805,27 @@ class JobRun:
         self.state = self.load_state()
         leases.hold(self)
         self.holds_lease = True
+        self.check_lost_runs()
         return True
 
-    def finish(self, status: str, detail: str | None = None, **fields) -> int:
-        """Record the outcome; returns how many rows took it (0: the row is no longer ours)."""
+    def check_lost_runs(self) -> None:
+        lost = self.state.lost_runs
+        if lost > settings.max_lost_runs:
+            raise PermanentError('not run again: %d run(s) of this job died with their worker (killed, '
+                                 'out of memory?) before they could record an outcome, more than '
+                                 'JOB_MAX_LOST_RUNS (%d)' % (lost, settings.max_lost_runs))
+
+    def hold(self) -> None:
+        """Raise LeaseLost unless this run still owns its row under a live lease: asked
+        before a step with effects outside the database (a RAGFlow delete)."""
+        if not JobState.owned(self.kind, self.message_id, self.token, utcnow()):
+            raise LeaseLost('%s %s: taken over by another run (this run\'s lease ran out)'
+                            % (self.kind, self.message_id))
+
+    def finish(self, status: str, detail: str | None = None, **fields) -> None:
+        """Record the outcome (and the count of lost runs back to 0)."""
         self.outcome = status
-        return self.write(status=status, detail=detail, last_error=None, lease_until=None, **fields)
+        self.write(status=status, detail=detail, last_error=None, lease_until=None, lost_runs=0, **fields)
 
     def fail(self, status: str, error: str, retry_in: float | None = None) -> None:
         """Record a failure; a retry due in ``retry_in`` seconds holds the row until then
@@ -675,14 +833,21 @@ class JobRun:
         self.outcome = status
         held = None if retry_in is None else utcnow() + datetime.timedelta(
             seconds=retry_in + settings.sweep_requeue)
-        self.write(status=status, last_error=error, lease_until=held)
+        fields = {} if retry_in is not None else {'lost_runs': 0}
+        self.write(status=status, last_error=error, lease_until=held, **fields)
 
-    def write(self, **fields) -> int:
-        """Write these fields to the run's own row; returns how many rows took them."""
-        exists = self.state.id is not None
-        self._remember(updated_at=utcnow(), **fields)
-        return JobState.write(self.kind, self.message_id, self.user_id, exists, **fields,
-                              updated_at=self.state.updated_at)
+    def write(self, **fields) -> None:
+        """Write these fields to the run's own row; LeaseLost if the row is not its own."""
+        now = utcnow()
+        if self.holds_lease:
+            written = JobState.write(self.kind, self.message_id, self.token, **fields, updated_at=now)
+        else:
+            written = JobState.write_unclaimed(self.state, now, **fields, updated_at=now)
+        if not written:
+            raise LeaseLost('%s %s: %s' % (self.kind, self.message_id, 'taken over by another run (this '
+                                           'run\'s lease ran out)' if self.holds_lease else
+                                           'the job\'s row changed under this run'))
+        self._remember(**fields, updated_at=now)
 
     def _remember(self, **fields) -> None:
         """The state as written, as a new object: one kept from before stays as it was."""
@@ -696,8 +861,10 @@ def job(kind: str, message_id: str, user_id: str, task: Task | None,
 
     Transient errors leave retries to Huey (with a jittered, growing delay set on the
     task); permanent ones, and the last try, record "failed".  What reaches Huey is a
-    JobFailed with the key-free message only.  The start and end lines carry kind,
-    message_id, user_id, outcome, duration and attempt as fields for LOG_FORMAT=json.
+    JobFailed with the key-free message only.  A run that lost its row (LeaseLost)
+    stops: it records nothing and is not retried, the run that took over does the job.
+    The start and end lines carry kind, message_id, user_id, outcome, duration and
+    attempt as fields for LOG_FORMAT=json.
     """
     started = time.monotonic()
     fields = {'kind': kind, 'message_id': message_id, 'user_id': user_id}
@@ -705,30 +872,42 @@ def job(kind: str, message_id: str, user_id: str, task: Task | None,
     with database.connection_context():
         run = run_class(kind, message_id, user_id)
         try:
-            yield run
-        except Exception as exc:
-            error = redact('%s: %s' % (type(exc).__name__, exc), *run.secrets)[:2000]
-            retries_left = task.retries if task is not None else 0
-            if isinstance(exc, PermanentError) or not retries_left:
-                if task is not None:
-                    task.retries = 0
-                run.fail('failed', error)
-                duration = time.monotonic() - started
-                logger.error('[%s] %s failed after %.2fs (attempt %d): %s', kind, message_id,
-                             duration, run.state.attempts, error, extra=dict(
-                                 fields, outcome='failed', duration=round(duration, 3),
-                                 attempt=run.state.attempts))
-            else:
-                delay = backoff_delay(RETRIES - retries_left, getattr(exc, 'retry_after', None))
-                task.retry_delay = delay
-                run.fail('retrying', error, retry_in=delay)
-                duration = time.monotonic() - started
-                logger.warning('[%s] %s will retry in %.1fs (attempt %d): %s', kind, message_id,
-                               delay, run.state.attempts, error, extra=dict(
-                                   fields, outcome='retrying', duration=round(duration, 3),
-                                   attempt=run.state.attempts, retry_in=round(delay, 1)))
+            try:
+                yield run
+            except LeaseLost:
+                raise
+            except Exception as exc:
+                error = clip('%s: %s' % (type(exc).__name__, exc), 2000, *run.secrets)
+                retries_left = task.retries if task is not None else 0
+                if isinstance(exc, (PermanentError, RecursionError)) or not retries_left:
+                    if task is not None:
+                        task.retries = 0
+                    run.fail('failed', error)
+                    duration = time.monotonic() - started
+                    logger.error('[%s] %s failed after %.2fs (attempt %d): %s', kind, message_id,
+                                 duration, run.state.attempts, error, extra=dict(
+                                     fields, outcome='failed', duration=round(duration, 3),
+                                     attempt=run.state.attempts))
+                else:
+                    delay = backoff_delay(RETRIES - retries_left, getattr(exc, 'retry_after', None))
+                    run.fail('retrying', error, retry_in=delay)
+                    task.retry_delay = delay
+                    duration = time.monotonic() - started
+                    logger.warning('[%s] %s will retry in %.1fs (attempt %d): %s', kind, message_id,
+                                   delay, run.state.attempts, error, extra=dict(
+                                       fields, outcome='retrying', duration=round(duration, 3),
+                                       attempt=run.state.attempts, retry_in=round(delay, 1)))
+                count_job(kind, run.outcome, duration)
+                raise JobFailed('%s %s: %s' % (kind, message_id, error)) from None
+        except LeaseLost as lost:
+            if task is not None:
+                task.retries = 0
+            run.outcome = 'lost'
+            duration = time.monotonic() - started
+            logger.warning('[%s] %s stopped after %.2fs, nothing written: %s', kind, message_id,
+                           duration, lost, extra=dict(fields, outcome='lost', duration=round(duration, 3)))
             count_job(kind, run.outcome, duration)
-            raise JobFailed('%s %s: %s' % (kind, message_id, error)) from None
+            return
         finally:
             if run.holds_lease:
                 leases.release(run)
@@ -770,7 +949,7 @@ def recorded_run(name: str) -> Iterator[dict]:
         yield counts
     except Exception as exc:
         record_run(name, 'failed', finished_at=utcnow(), counts=counts,
-                   detail=redact('%s: %s' % (type(exc).__name__, exc))[:500])
+                   detail=clip('%s: %s' % (type(exc).__name__, exc), 500))
         raise
     record_run(name, 'done', finished_at=utcnow(), counts=counts, detail='')
 
@@ -780,7 +959,8 @@ def recorded_run(name: str) -> Iterator[dict]:
 # Every value a job's outcome takes: the "outcome" label of whitenote_jobs_total, and the
 # "outcome" field of the log line a job ends with.  Free text (a delay, an error) goes
 # to the log line only, so the metric keeps one series per kind and outcome.
-JOB_OUTCOMES = ('done', 'unchanged', 'skipped', 'empty', 'deferred', 'retrying', 'failed')
+JOB_OUTCOMES = ('done', 'unchanged', 'skipped', 'empty', 'deferred', 'retrying', 'failed',
+                'lost')  # lost: a run whose row another run took over
 
 
 class Metrics:
@@ -816,7 +996,7 @@ def _or_nan(read) -> float:
     try:
         return float(read() or 0)
     except Exception as exc:
-        logger.warning('metrics: cannot read a gauge: %s', redact(str(exc))[:300])
+        logger.warning('metrics: cannot read a gauge: %s', clip(exc, 300))
         return float('nan')
 
 
@@ -914,44 +1094,400 @@ def defer(run: JobRun, task: TaskWrapper, *args) -> None:
     run.outcome, run.retry_in = 'deferred', delay
 
 
-def outbound_url(url: str, setting: str) -> str:
-    """A per-user service URL, checked before any request goes to it.
+# Outbound calls.
+#
+# Every URL and key in a user's AI settings may belong to someone hostile, whose server
+# answers slowly, endlessly, hugely, with text built to trap a parser, or stands on the
+# worker's own network.  So each call to a model or to RAGFlow runs as an OutboundCall:
+# a deadline for the whole call (HTTP_TIMEOUT, from resolving the host to the answer's
+# last byte), a size limit for the answer (HTTP_MAX_BYTES), and, for a user's URL under
+# WHITENOTE_URL_POLICY=public, the check of each address a connection is made to.  Both
+# HTTP clients connect through connect_addresses(); the model's (httpx2) holds every read
+# and write to the deadline, RAGFlow's (requests) has its sockets shut at the deadline.
 
-    With WHITENOTE_URL_POLICY=public its host must resolve to public addresses only, so
-    a user cannot make the worker call the internal network (SSRF).  Known limit: the
-    HTTP client resolves the name again to connect, so a DNS server that answers a
-    public address here and a private one then (DNS rebinding) is not stopped.
+DEFAULT_PORTS = {'http': 80, 'https': 443}
+HEADER_ROOM = 64 * 1024  # what an answer's headers may add to HTTP_MAX_BYTES on the wire
+
+
+def _host_key(host: str) -> str:
+    """A host as parsers and HTTP clients spell it (brackets, a final dot, case aside)."""
+    return host.strip('[]').rstrip('.').lower()
+
+
+def _url_readings(url: str) -> set[tuple[str, str, int]]:
+    """(scheme, host, port) as urllib, httpx2 (the model's client) and urllib3 (requests',
+    RAGFlow's client) each read the URL: one element when all three agree."""
+    from urllib3.util import parse_url
+
+    def by_urllib() -> tuple:
+        parts = urlparse(url)
+        return parts.scheme, (parts.hostname or '').encode('idna').decode('ascii'), parts.port
+
+    def by_httpx() -> tuple:
+        parts = httpx2.URL(url)
+        return parts.scheme, parts.raw_host.decode('ascii'), parts.port
+
+    def by_urllib3() -> tuple:
+        parts = parse_url(url)
+        return parts.scheme, parts.host or '', parts.port
+
+    readings = set()
+    for read in (by_urllib, by_httpx, by_urllib3):
+        try:
+            scheme, host, port = read()
+        except Exception:  # each parser has errors of its own: InvalidURL, LocationParseError, ...
+            readings.add(('', 'unreadable by %s' % read.__name__[3:], 0))
+            continue
+        readings.add((scheme, _host_key(host), port or DEFAULT_PORTS.get(scheme, 0)))
+    return readings
+
+
+def _refusal(setting: str, url: str, host: str, address: str, kind: str) -> str:
+    where = address if address == host else '%s (%s)' % (host, address)
+    return ('%s %r: %s is not a public address (%s), refused by WHITENOTE_URL_POLICY=public'
+            % (setting, _hide_password(url)[:100], where, kind))
+
+
+def checked_url(url: str, setting: str) -> tuple[str, str | None]:
+    """A per-user service URL, checked before any request goes to it; and the host whose
+    addresses each connection checks again (None but under WHITENOTE_URL_POLICY=public).
+
+    It must be a plain http(s) base URL that urllib, httpx2 and urllib3 all read alike,
+    so that the host checked is the host called: no backslash, white space or control
+    character, no user:password@, no query or fragment.  With WHITENOTE_URL_POLICY=public
+    its host must resolve to public addresses only, so a user cannot make the worker call
+    the internal network (SSRF); each connection checks the addresses it is made to again
+    (connect_addresses), so a name that resolves elsewhere a moment later does not get
+    through either.
     """
     url = url.strip()
+    shown = _hide_password(url)[:100]
     parsed = urlparse(url)
     try:
-        port = parsed.port or (443 if parsed.scheme == 'https' else 80)
+        port = parsed.port or DEFAULT_PORTS.get(parsed.scheme)
     except ValueError:
         port = None
-    if parsed.scheme not in ('http', 'https') or not parsed.hostname or port is None:
-        raise PermanentError('%s %r is not an http(s) URL' % (setting, _hide_password(url)[:100]))
-    if settings.url_policy == 'public':
+    if parsed.scheme not in DEFAULT_PORTS or not parsed.hostname or port is None:
+        raise PermanentError('%s %r is not an http(s) URL' % (setting, shown))
+    if any(char == '\\' or char.isspace() or not char.isprintable() for char in url):
+        raise PermanentError('%s %r: a URL with a backslash, white space or a control character in '
+                             'it is refused' % (setting, shown))
+    if '@' in parsed.netloc:
+        raise PermanentError('%s %r: a URL with credentials (user:password@) in it is refused; the '
+                             'key has a setting of its own' % (setting, shown))
+    if '?' in url or '#' in url:
+        raise PermanentError('%s %r: a base URL with a query or a fragment is refused' % (setting, shown))
+    readings = _url_readings(url)
+    if len(readings) != 1:
+        raise PermanentError('%s %r: refused, the HTTP clients would read different hosts in it (%s)'
+                             % (setting, shown, printable(', '.join(sorted({r[1] for r in readings})))))
+    [(_, host, port)] = readings
+    if settings.url_policy != 'public':
+        return url, None
+    try:
+        addresses = resolve(host, port, settings.http_timeout)
+    except (OSError, UnicodeError) as exc:
+        raise TransientError('%s: host %r cannot be resolved: %s' % (setting, host[:100], exc)) from None
+    for address in sorted({sockaddr[0] for _, sockaddr in addresses}):
+        kind = refused_address(address)
+        if kind is not None:
+            raise PermanentError(_refusal(setting, url, host, address, kind))
+    return url, host
+
+
+def outbound_url(url: str, setting: str) -> str:
+    """checked_url's URL."""
+    return checked_url(url, setting)[0]
+
+
+def resolve(host: str, port: int, seconds: float) -> list[tuple[int, tuple]]:
+    """The (family, socket address) pairs of a TCP connection to host:port, within
+    ``seconds``: a name server that never answers cannot hold a call past its deadline.
+
+    A name is looked up in a thread of its own, which the resolver's own time-outs end if
+    it is left waiting; an IP address needs no look-up.
+    """
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return [(info[0], info[4]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+    done, answer = threading.Event(), []
+
+    def look_up() -> None:
         try:
-            infos = socket.getaddrinfo(parsed.hostname, port, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError) as exc:
-            raise TransientError('%s: host %r cannot be resolved: %s'
-                                 % (setting, parsed.hostname[:100], exc)) from None
-        for address in sorted({info[4][0] for info in infos}):
-            kind = refused_address(address)
+            answer.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except Exception as exc:
+            answer.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=look_up, name='resolve', daemon=True).start()
+    if not done.wait(max(seconds, 0.0)):
+        raise TimeoutError('looking up %s took longer than %gs' % (host[:100], seconds))
+    if isinstance(answer[0], Exception):
+        raise answer[0]
+    return list(dict.fromkeys((info[0], info[4]) for info in answer[0]))
+
+
+class OutboundCall:
+    """One call to a model or to RAGFlow: its deadline, its answer's size limit, and for a
+    user's URL under WHITENOTE_URL_POLICY=public the host whose addresses it checks.
+
+    ``failure`` is why the call was cut short (the deadline, the size, a refused address):
+    what a failed call raises, whatever error the HTTP client made of it.
+    """
+
+    def __init__(self, what: str, endpoint: 'ModelSettings | RagflowSettings'):
+        self.what = what
+        self.endpoint = endpoint
+        self.public_host = endpoint.public_host
+        self.deadline = time.monotonic() + settings.http_timeout
+        self.received = 0  # bytes read from the network (the model's client counts them)
+        self.failure: Exception | None = None
+        self._sockets: list[socket.socket] = []
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()
+        self._over = False
+
+    def remaining(self) -> float:
+        """Seconds left before the deadline; past it, the deadline is the call's failure."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            self.fail(TransientError('%s gave no complete answer within HTTP_TIMEOUT (%gs)'
+                                     % (self.what, settings.http_timeout)))
+        return left
+
+    def fail(self, error: Exception) -> Exception:
+        """Record why the call is cut short (the first reason stays); returns that reason."""
+        with self._lock:
+            if self.failure is None:
+                self.failure = error
+            return self.failure
+
+    def cut_short(self) -> Exception | None:
+        """Why the call was cut short, the deadline included, or None."""
+        self.remaining()
+        return self.failure
+
+    def too_large(self) -> Exception:
+        return self.fail(PermanentError('%s sent an answer larger than HTTP_MAX_BYTES (%d bytes), '
+                                        'abandoned' % (self.what, settings.http_max_bytes)))
+
+    def watch(self, sock: socket.socket) -> None:
+        """Shut ``sock`` down at the deadline, whatever its client is waiting for then."""
+        with self._lock:
+            if self._over:
+                return
+            self._sockets.append(sock)
+            if self._timer is None:
+                self._timer = threading.Timer(max(self.deadline - time.monotonic(), 0.0), self._expire)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._over:
+                return
+            sockets = list(self._sockets)
+        self.fail(TransientError('%s gave no complete answer within HTTP_TIMEOUT (%gs)'
+                                 % (self.what, settings.http_timeout)))
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked read or write; close() would not
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            self._over = True
+            timer = self._timer
+        if timer is not None:
+            timer.cancel()
+
+
+_calls = threading.local()
+
+
+@contextlib.contextmanager
+def outbound_call(what: str, endpoint: 'ModelSettings | RagflowSettings') -> Iterator[OutboundCall]:
+    """Make the calls of this block (in this thread) under one OutboundCall's limits."""
+    call = OutboundCall(what, endpoint)
+    _calls.current = call
+    try:
+        yield call
+    finally:
+        _calls.current = None
+        call.close()
+
+
+def current_call() -> OutboundCall | None:
+    return getattr(_calls, 'current', None)
+
+
+def connect_addresses(host: str, port: int) -> list[tuple[int, tuple]]:
+    """Where a connection to host:port may go: its addresses, looked up within the current
+    call's deadline.  When the call is to a user's URL under WHITENOTE_URL_POLICY=public
+    and this is that URL's host (not the operator's proxy), each address is checked: the
+    address checked is the address connected to, whatever DNS answers from one look-up
+    to the next."""
+    call = current_call()
+    seconds = settings.http_timeout if call is None else call.remaining()
+    if seconds <= 0:
+        raise TimeoutError('no time left to connect to %s' % host[:100])
+    addresses = resolve(host, port, seconds)
+    if call is not None and call.public_host is not None and _host_key(host) == call.public_host:
+        for _, sockaddr in addresses:
+            kind = refused_address(sockaddr[0])
             if kind is not None:
-                where = address if address == parsed.hostname else '%s (%s)' % (parsed.hostname,
-                                                                                 address)
-                raise PermanentError('%s %r: %s is not a public address (%s), refused by '
-                                     'WHITENOTE_URL_POLICY=public'
-                                     % (setting, _hide_password(url)[:100], where, kind))
-    return url
+                raise call.fail(PermanentError(_refusal(call.endpoint.setting, call.endpoint.base_url,
+                                                        host, sockaddr[0], kind)))
+    return addresses
+
+
+def read_answer(chunks: Iterator[bytes], call: OutboundCall) -> bytes:
+    """An answer's body, read as it arrives and abandoned once it passes HTTP_MAX_BYTES."""
+    body = bytearray()
+    for chunk in chunks:
+        body += chunk
+        if len(body) > settings.http_max_bytes:
+            raise call.too_large()
+    return bytes(body)
+
+
+def _time_left(call: OutboundCall, timeout: float | None, error: type[Exception]) -> float:
+    """A socket operation's time-out within the call's deadline; ``error`` once none is left."""
+    left = call.remaining()
+    if left <= 0:
+        raise error(str(call.failure))
+    return left if timeout is None else min(timeout, left)
+
+
+class _BoundedStream(httpcore2.NetworkStream):
+    """A connection of the model's client held to the current call: each read and write
+    waits at most until the deadline, and reading stops past HTTP_MAX_BYTES (with room
+    for headers), so an error body the openai client reads itself is bounded too."""
+
+    def __init__(self, stream: httpcore2.NetworkStream):
+        self._stream = stream
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        call = current_call()
+        if call is None:
+            return self._stream.read(max_bytes, timeout)
+        data = self._stream.read(max_bytes, _time_left(call, timeout, httpcore2.ReadTimeout))
+        call.received += len(data)
+        if call.received > settings.http_max_bytes + HEADER_ROOM:
+            raise httpcore2.ReadError(str(call.too_large()))
+        return data
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        call = current_call()
+        if call is not None:
+            timeout = _time_left(call, timeout, httpcore2.WriteTimeout)
+        self._stream.write(buffer, timeout)
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(self, ssl_context, server_hostname: str | None = None,
+                  timeout: float | None = None) -> '_BoundedStream':
+        call = current_call()
+        if call is not None:
+            timeout = _time_left(call, timeout, httpcore2.ConnectTimeout)
+        return _BoundedStream(self._stream.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str):
+        return self._stream.get_extra_info(info)
+
+
+class _BoundedBackend(httpcore2.SyncBackend):
+    """httpcore2's connections, made to the addresses connect_addresses() gives, as _BoundedStreams."""
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                    local_address: str | None = None, socket_options=None) -> _BoundedStream:
+        try:
+            addresses = connect_addresses(host, port)
+        except TimeoutError as exc:
+            raise httpcore2.ConnectTimeout(str(exc)) from None
+        except OSError as exc:
+            raise httpcore2.ConnectError(str(exc)) from None
+        error: Exception = httpcore2.ConnectError('%s has no address' % host)
+        for _, sockaddr in addresses:
+            call = current_call()
+            try:
+                return _BoundedStream(super().connect_tcp(
+                    sockaddr[0], port, timeout if call is None else _time_left(call, timeout, httpcore2.ConnectTimeout),
+                    local_address, socket_options))
+            except httpcore2.ConnectError as exc:
+                error = exc
+        raise error
+
+
+class _BoundedTransport(httpx2.HTTPTransport):
+    """httpx2's transport, connecting through _BoundedBackend.  httpcore2 takes a network
+    backend, which httpx2's transport does not pass on: it is set on the pool before any
+    connection exists."""
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self._pool._network_backend = _BoundedBackend()
+
+
+class _NoCookies(http.cookiejar.CookieJar):
+    """A cookie jar that keeps nothing: no cookie an endpoint sets is ever sent back."""
+
+    def set_cookie(self, cookie) -> None:
+        pass
+
+    def extract_cookies(self, response, request) -> None:
+        pass
+
+
+class _ModelHttpClient(openai.DefaultHttpxClient):
+    """The openai client's HTTP client: _BoundedTransport for direct and proxied calls."""
+
+    def _init_transport(self, transport=None, **options) -> httpx2.BaseTransport:
+        return transport or _BoundedTransport(**options)
+
+    def _init_proxy_transport(self, proxy, **options) -> httpx2.BaseTransport:
+        return _BoundedTransport(proxy=proxy, **options)
+
+
+# The only request headers a model endpoint gets, besides those set below: not the SDK's
+# own (platform, versions), nor what OPENAI_ORG_ID, OPENAI_PROJECT_ID or
+# OPENAI_CUSTOM_HEADERS in the environment would add to every endpoint.
+MODEL_REQUEST_HEADERS = ('host', 'content-type', 'content-length', 'transfer-encoding')
+
+
+def _model_request_headers(api_key: str) -> Callable[[httpx2.Request], None]:
+    ours = [('accept', 'application/json'), ('accept-encoding', 'identity'),
+            ('authorization', 'Bearer %s' % api_key), ('user-agent', 'whitenote-huey')]
+
+    def only_these(request: httpx2.Request) -> None:
+        headers = request.headers
+        request.headers = httpx2.Headers([(name, headers[name]) for name in MODEL_REQUEST_HEADERS
+                                          if name in headers] + ours)
+    return only_these
+
+
+def _plain_answer(response: httpx2.Response) -> None:
+    """Refuse a compressed answer (none is asked for): its size on the wire says nothing of
+    what it unpacks to."""
+    encoding = response.headers.get('content-encoding', '').strip().lower()
+    if encoding not in ('', 'identity'):
+        error = PermanentError('model endpoint sent an answer with Content-Encoding %s, though '
+                               'asked for none' % clip(encoding, 40))
+        call = current_call()
+        raise error if call is None else call.fail(error)
 
 
 def redirect_refused(what: str, status: int, location: str | None, setting: str) -> PermanentError:
     """The worker follows no redirect: it could lead anywhere, and a POST would be lost."""
     return PermanentError('%s answered HTTP %d, a redirect to %s, which is not followed: '
                           'set %s to the final URL' % (what, status,
-                                                       redact(location or '(nowhere)')[:200], setting))
+                                                       clip(location or '(nowhere)', 200), setting))
 
 
 # The model client.
@@ -962,14 +1498,15 @@ class ModelSettings:
     api_key: str = dataclasses.field(repr=False)
     model: str
     setting: str = 'OPENAI_BASE_URL'  # where base_url comes from, for error messages
+    public_host: str | None = None  # under WHITENOTE_URL_POLICY=public: a user's URL's host
 
 
 def model_settings(config: AiConfig, model: str, env_model: str) -> ModelSettings | None:
     """The user's endpoint and ``model`` if they have a key, else the environment's
     endpoint and ``env_model``, else None (offline)."""
     if config.openai_api_key:
-        return ModelSettings(outbound_url(config.openai_base_url, 'AiConfig.openaiBaseUrl'),
-                             config.openai_api_key, model, 'AiConfig.openaiBaseUrl')
+        url, host = checked_url(config.openai_base_url, 'AiConfig.openaiBaseUrl')
+        return ModelSettings(url, config.openai_api_key, model, 'AiConfig.openaiBaseUrl', host)
     if settings.openai_api_key:
         return ModelSettings(settings.openai_base_url, settings.openai_api_key, env_model)
     return None
@@ -979,7 +1516,8 @@ _model_client_lock = threading.Lock()
 
 
 def model_client(base_url: str, api_key: str) -> openai.OpenAI:
-    """One client per endpoint and key, so connections are reused across jobs.
+    """One client per endpoint and key, so connections are reused across jobs of the same
+    endpoint and key, and never go from one to another.
 
     Made under a lock: workers starting at once would otherwise each build one (an SSL
     context and a connection pool apiece, tens of ms of CPU) and keep only one.
@@ -990,41 +1528,50 @@ def model_client(base_url: str, api_key: str) -> openai.OpenAI:
 
 @functools.lru_cache(maxsize=64)
 def _new_model_client(base_url: str, api_key: str) -> openai.OpenAI:
-    """The openai client follows redirects by default; this one does not (see redirect_refused)."""
+    """The openai client follows redirects by default; this one does not (see
+    redirect_refused), keeps no cookie, and sends only MODEL_REQUEST_HEADERS."""
     base = base_url.rstrip('/')
     if not base.endswith('/v1'):
         base += '/v1'
+    http_client = _ModelHttpClient(follow_redirects=False, cookies=_NoCookies(), event_hooks={
+        'request': [_model_request_headers(api_key)], 'response': [_plain_answer]})
     return openai.OpenAI(base_url=base, api_key=api_key, timeout=settings.http_timeout,
-                         max_retries=0,
-                         http_client=openai.DefaultHttpxClient(follow_redirects=False))
+                         max_retries=0, http_client=http_client)
 
 
 def ask_model(endpoint: ModelSettings, messages: list[dict], temperature: float = 0.2) -> str:
     """The model's answer text; its failures as TransientError or PermanentError.
 
-    Posts through the openai client (its connections, auth, timeouts and errors) but
-    reads the answer's JSON itself: the SDK's response model doubles a call's CPU
-    (bench/model_client.py).
+    Posts through the openai client (its connections, auth and errors) under an
+    OutboundCall, and reads the answer's bytes and JSON itself: the SDK's response model
+    doubles a call's CPU (bench/model_client.py).
     """
     body = {'model': endpoint.model, 'messages': messages, 'temperature': temperature}
-    try:
-        answer = model_client(endpoint.base_url, endpoint.api_key).post(
-            '/chat/completions', body=body, cast_to=bytes)
-    except openai.APIStatusError as exc:
-        status = exc.status_code
-        if 300 <= status < 400:
-            raise redirect_refused('model endpoint', status, exc.response.headers.get('location'),
-                                   endpoint.setting) from None
-        text = 'model endpoint answered HTTP %d: %s' % (status, str(exc.message)[:300])
-        if status in (408, 409, 429) or status >= 500:
-            raise TransientError(text, retry_after_seconds(exc.response.headers.get('retry-after'))) from None
-        raise PermanentError(text) from None
-    except openai.APIConnectionError as exc:
-        raise TransientError('model endpoint unreachable: %s' % type(exc).__name__) from None
-    except (openai.OpenAIError, ValueError) as exc:  # ValueError: an error body not UTF-8
-        raise TransientError('model endpoint gave an unusable answer: %s' % type(exc).__name__) from None
+    client = model_client(endpoint.base_url, endpoint.api_key)
+    with outbound_call('model endpoint', endpoint) as call:
+        try:
+            response = client.post('/chat/completions', body=body, cast_to=httpx2.Response, stream=True)
+            try:
+                answer = read_answer(response.iter_raw(), call)
+            finally:
+                response.close()
+        except openai.APIStatusError as exc:
+            raise model_status_error(exc, endpoint) from None
+        except Exception as exc:
+            if call.cut_short() is not None:
+                raise call.failure from None
+            if isinstance(exc, (TransientError, PermanentError)):
+                raise
+            if isinstance(exc, (openai.APIConnectionError, httpx2.TransportError)):
+                raise TransientError('model endpoint unreachable: %s' % type(exc).__name__) from None
+            if isinstance(exc, (openai.OpenAIError, httpx2.HTTPError, ValueError)):
+                raise TransientError('model endpoint gave an unusable answer: %s'
+                                     % type(exc).__name__) from None
+            raise
     try:
         content = json.loads(answer.decode('utf-8'))['choices'][0]['message']['content']
+    except RecursionError:
+        raise PermanentError('model endpoint gave an answer nested too deeply to read') from None
     except ValueError as exc:  # not UTF-8, not JSON
         raise TransientError('model endpoint gave an unusable answer: %s' % type(exc).__name__) from None
     except (KeyError, IndexError, TypeError):
@@ -1034,24 +1581,73 @@ def ask_model(endpoint: ModelSettings, messages: list[dict], temperature: float 
     return content or ''
 
 
+def model_status_error(exc: openai.APIStatusError, endpoint: ModelSettings) -> Exception:
+    """An HTTP error answer as TransientError or PermanentError; the key echoed in its
+    text masked before the text is cut."""
+    status = exc.status_code
+    if 300 <= status < 400:
+        return redirect_refused('model endpoint', status, exc.response.headers.get('location'),
+                                endpoint.setting)
+    text = 'model endpoint answered HTTP %d: %s' % (status, clip(exc.message, 300, endpoint.api_key))
+    if status in (408, 409, 429) or status >= 500:
+        return TransientError(text, retry_after_seconds(exc.response.headers.get('retry-after')))
+    return PermanentError(text)
+
+
 # Tags.
 
 MAX_TAGS = 3
+TAG_ANSWER_TRIES = 16  # places in an answer its tag list's JSON is looked for, at most
 _TAG_FORBIDDEN = set('<>&"\'`\\/{}[]|=;$')
-_FENCED = re.compile(r'```(?:json)?\s*(.*?)```', re.DOTALL)
 _HASHTAG = re.compile(r'(?<![\w#&])#(\w[\w\-]*)')
+_FENCE_LANGUAGE = re.compile(r'(?:json)?\s*', re.IGNORECASE)
+
+
+def _json_starts(text: str) -> Iterator[int]:
+    """Where a tag list may start: the text, each fenced block (```json), then each "["
+    and "{" in order; at most TAG_ANSWER_TRIES places, found in one pass over the text."""
+    seen: set[int] = set()
+
+    def new(position: int) -> bool:
+        fresh = position < len(text) and position not in seen and len(seen) < TAG_ANSWER_TRIES
+        seen.add(position)
+        return fresh
+
+    if new(len(text) - len(text.lstrip())):
+        yield len(text) - len(text.lstrip())
+    fence = text.find('```')
+    while fence != -1 and len(seen) < TAG_ANSWER_TRIES:
+        start = _FENCE_LANGUAGE.match(text, fence + 3).end()
+        if new(start):
+            yield start
+        fence = text.find('```', start)
+    position = 0
+    while len(seen) < TAG_ANSWER_TRIES:
+        brackets = [found for found in (text.find('[', position), text.find('{', position)) if found != -1]
+        if not brackets:
+            return
+        position = min(brackets)
+        if new(position):
+            yield position
+        position += 1
 
 
 def parse_tag_answer(text: str) -> list:
-    """The tag list in a model's answer: a JSON array, {"tags": [...]}, or a fenced block."""
-    candidates = [match.group(1) for match in _FENCED.finditer(text)] + [text]
-    for pattern in (r'\[.*?\]', r'\{.*\}', r'\[.*\]'):
-        candidates += re.findall(pattern, text, re.DOTALL)
-    for candidate in candidates:
+    """The tag list in a model's answer: a JSON array, {"tags": [...]}, or a fenced block,
+    alone or amid prose.
+
+    Time linear in the answer's length, whatever it holds: the JSON decoder reads from at
+    most TAG_ANSWER_TRIES places (_json_starts), one pass each.  An answer nested deeper
+    than the decoder follows is a permanent failure, as is one with no list.
+    """
+    decoder = json.JSONDecoder()
+    for start in _json_starts(text):
         try:
-            data = json.loads(candidate)
+            data, _ = decoder.raw_decode(text, start)
         except ValueError:
             continue
+        except RecursionError:
+            raise PermanentError('model answer is nested too deeply to read') from None
         if isinstance(data, dict):
             data = data.get('tags')
         if isinstance(data, list):
@@ -1192,6 +1788,7 @@ class RagflowSettings:
     api_key: str = dataclasses.field(repr=False)
     dataset_id: str
     setting: str = 'RAGFLOW_BASE_URL'  # where base_url comes from, for error messages
+    public_host: str | None = None  # under WHITENOTE_URL_POLICY=public: a user's URL's host
 
 
 def ragflow_settings(config: AiConfig, check: bool = True) -> RagflowSettings | None:
@@ -1200,42 +1797,113 @@ def ragflow_settings(config: AiConfig, check: bool = True) -> RagflowSettings | 
     ``enableRag`` is not consulted: it decides whether the web app's chat answers from
     RAGFlow, and keeping the dataset current means turning it on needs no backfill.
     An empty ``ragflowBaseUrl`` means RAGFLOW_BASE_URL; another one is checked by
-    outbound_url (unless ``check`` is off: only to learn whether RAGFlow is configured).
+    checked_url (unless ``check`` is off: only to learn whether RAGFlow is configured,
+    and which dataset; such settings are not for calls).
     """
     if config.ragflow_api_key.strip() and config.ragflow_dataset_id.strip():
-        url, setting = config.ragflow_base_url.strip(), 'AiConfig.ragflowBaseUrl'
+        url, setting, host = config.ragflow_base_url.strip(), 'AiConfig.ragflowBaseUrl', None
         if not url:
             url, setting = settings.ragflow_base_url, 'RAGFLOW_BASE_URL'
         elif check:
-            url = outbound_url(url, setting)
+            url, host = checked_url(url, setting)
         return RagflowSettings(url, config.ragflow_api_key.strip(),
-                               config.ragflow_dataset_id.strip(), setting)
+                               config.ragflow_dataset_id.strip(), setting, host)
     if settings.ragflow_api_key and settings.ragflow_dataset_id:
         return RagflowSettings(settings.ragflow_base_url, settings.ragflow_api_key,
                                settings.ragflow_dataset_id)
     return None
 
 
-_ragflow_local = threading.local()
+@functools.cache
+def _ragflow_adapter_class() -> type:
+    """requests' HTTP adapter whose connections are made by connect_addresses() and shut
+    at the call's deadline (made when first needed: requests is imported then)."""
+    import requests.adapters
+    from urllib3.connection import HTTPConnection
+    from urllib3.connection import HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool
+    from urllib3.connectionpool import HTTPSConnectionPool
+    from urllib3.exceptions import ConnectTimeoutError
+    from urllib3.exceptions import NewConnectionError
+
+    class Bounded:
+        def _new_conn(self) -> socket.socket:
+            try:
+                return open_socket(self._dns_host, self.port)
+            except TimeoutError as exc:
+                raise ConnectTimeoutError(self, 'connection to %s timed out: %s' % (self.host, exc)) from None
+            except OSError as exc:
+                raise NewConnectionError(self, 'cannot connect: %s' % exc) from None
+
+    class BoundedHTTPConnection(Bounded, HTTPConnection):
+        pass
+
+    class BoundedHTTPSConnection(Bounded, HTTPSConnection):
+        pass
+
+    class BoundedHTTPPool(HTTPConnectionPool):
+        ConnectionCls = BoundedHTTPConnection
+
+    class BoundedHTTPSPool(HTTPSConnectionPool):
+        ConnectionCls = BoundedHTTPSConnection
+
+    pools = {'http': BoundedHTTPPool, 'https': BoundedHTTPSPool}
+
+    class BoundedAdapter(requests.adapters.HTTPAdapter):
+        def init_poolmanager(self, *args, **kwargs) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = pools
+
+        def proxy_manager_for(self, proxy, **kwargs):
+            manager = super().proxy_manager_for(proxy, **kwargs)
+            manager.pool_classes_by_scheme = pools
+            return manager
+
+    return BoundedAdapter
+
+
+def open_socket(host: str, port: int) -> socket.socket:
+    """A TCP connection for RAGFlow's client, to an address connect_addresses() gives,
+    within the current call's deadline, and shut down at that deadline."""
+    error: OSError = OSError('%s has no address' % host)
+    for family, sockaddr in connect_addresses(host, port):
+        call = current_call()
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(settings.http_timeout if call is None else max(call.remaining(), 0.001))
+            sock.connect(sockaddr)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        if call is not None:
+            call.watch(sock)
+        return sock
+    raise error
 
 
 def ragflow_session() -> 'requests.Session':
-    """This worker thread's session, so connections to RAGFlow are reused across jobs."""
+    """A session for one call, closed after it: no cookie, header or connection one user's
+    RAGFlow gets or gives passes to another call, nor to another user's RAGFlow."""
     import requests
-    session = getattr(_ragflow_local, 'session', None)
-    if session is None:
-        session = _ragflow_local.session = requests.Session()
+    session = requests.Session()
+    adapter = _ragflow_adapter_class()()
+    session.mount('http://', adapter)
+    session.mount('https://', adapter)
     return session
 
 
-def ragflow_answer(response: 'requests.Response', what: str) -> dict:
+def ragflow_answer(response: 'requests.Response', body: bytes, what: str,
+                   endpoint: RagflowSettings) -> dict:
     """The checks every RAGFlow answer needs; returns the envelope ``{"code": ..., ...}``.
 
     RAGFlow reports most errors with HTTP 200 and a non-zero ``code``.  A refused key
     (HTTP 401, code 109 or 401) and a refusal with ``code`` 0 and ``data: false`` (no
     auth header, SDK disabled) are permanent.  HTTP 408/429/5xx, an answer that is not
     RAGFlow's JSON, and code 100 (an exception on its side, "busy" included, except the
-    4xx of a wrong route) are transient.  Other codes are for the caller to judge.
+    4xx of a wrong route) are transient, but an answer nested too deeply to read is
+    permanent.  Other codes are for the caller to judge.
     """
     status = response.status_code
     if status == 401:
@@ -1246,12 +1914,14 @@ def ragflow_answer(response: 'requests.Response', what: str) -> dict:
     if status >= 400:
         raise PermanentError('RAGFlow %s: HTTP %d' % (what, status))
     try:
-        answer = response.json()
+        answer = json.loads(body.decode('utf-8'))
+    except RecursionError:
+        raise PermanentError('RAGFlow %s: the answer is nested too deeply to read' % what) from None
     except ValueError:
         raise TransientError('RAGFlow %s: the answer is not JSON (HTTP %d)' % (what, status)) from None
     if not isinstance(answer, dict) or type(answer.get('code')) is not int:
         raise TransientError('RAGFlow %s: the answer has no code' % what)
-    code, message = answer['code'], str(answer.get('message') or '')[:300]
+    code, message = answer['code'], clip(answer_message(answer), 300, endpoint.api_key)
     if code in (109, 401):
         raise PermanentError('RAGFlow %s: authentication error (code %d): %s' % (what, code, message))
     if code == 0 and answer.get('data') is False:
@@ -1261,31 +1931,61 @@ def ragflow_answer(response: 'requests.Response', what: str) -> dict:
     return answer
 
 
+class _Bearer:
+    """The Authorization header of requests' auth hook: given, it keeps .netrc out."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def __call__(self, request: 'requests.PreparedRequest') -> 'requests.PreparedRequest':
+        request.headers['Authorization'] = 'Bearer %s' % self.key
+        return request
+
+
 def ragflow_call(endpoint: RagflowSettings, method: str, path: str, what: str, **kwargs) -> dict:
-    """One call on the user's dataset, with the user's key and a timeout; its checked answer."""
+    """One call on the user's dataset, with the user's key, under an OutboundCall; its
+    checked answer."""
     import requests
     url = '%s/api/v1/datasets/%s/%s' % (endpoint.base_url.rstrip('/'),
                                         quote(endpoint.dataset_id, safe=''), path)
-    headers = {'Authorization': 'Bearer %s' % endpoint.api_key}
-    try:
-        response = ragflow_session().request(method, url, headers=headers, allow_redirects=False,
-                                             timeout=settings.http_timeout, **kwargs)
-    except requests.Timeout:
-        raise TransientError('RAGFlow %s timed out after %gs' % (what, settings.http_timeout)) from None
-    except requests.RequestException as exc:
-        if isinstance(exc, ValueError):  # a URL or header requests refuses to send
-            raise PermanentError('RAGFlow %s: unusable request (%s); check ragflowBaseUrl'
-                                 % (what, type(exc).__name__)) from None
-        raise TransientError('RAGFlow %s failed: %s' % (what, type(exc).__name__)) from None
-    if 300 <= response.status_code < 400:
-        raise redirect_refused('RAGFlow %s' % what, response.status_code,
-                               response.headers.get('Location'), endpoint.setting)
-    return ragflow_answer(response, what)
+    with outbound_call('RAGFlow %s' % what, endpoint) as call, ragflow_session() as session:
+        try:
+            with session.request(method, url, auth=_Bearer(endpoint.api_key), allow_redirects=False,
+                                 headers={'Accept-Encoding': 'identity', 'Accept': 'application/json'},
+                                 timeout=settings.http_timeout, stream=True, **kwargs) as response:
+                if 300 <= response.status_code < 400:
+                    raise redirect_refused('RAGFlow %s' % what, response.status_code,
+                                           response.headers.get('Location'), endpoint.setting)
+                encoding = response.headers.get('Content-Encoding', '').strip().lower()
+                if encoding not in ('', 'identity'):
+                    raise PermanentError('RAGFlow %s: an answer with Content-Encoding %s, though asked '
+                                         'for none' % (what, clip(encoding, 40)))
+                body = read_answer(response.iter_content(64 * 1024), call)
+        except (TransientError, PermanentError):
+            raise
+        except (requests.RequestException, OSError) as exc:
+            if call.cut_short() is not None:
+                raise call.failure from None
+            if isinstance(exc, ValueError):  # a URL or header requests refuses to send
+                raise PermanentError('RAGFlow %s: unusable request (%s); check ragflowBaseUrl'
+                                     % (what, type(exc).__name__)) from None
+            raise TransientError('RAGFlow %s failed: %s' % (what, type(exc).__name__)) from None
+        except Exception:
+            if call.cut_short() is not None:
+                raise call.failure from None
+            raise
+    return ragflow_answer(response, body, what, endpoint)
 
 
-def _ragflow_failed(answer: dict, what: str) -> PermanentError:
+def answer_message(answer: dict) -> str:
+    """The ``message`` of a RAGFlow envelope when it is text ('' when it is anything else)."""
+    message = answer.get('message')
+    return message if isinstance(message, str) else ''
+
+
+def _ragflow_failed(answer: dict, what: str, endpoint: RagflowSettings) -> PermanentError:
     return PermanentError('RAGFlow %s failed (code %s): %s'
-                          % (what, answer['code'], str(answer.get('message') or '')[:300]))
+                          % (what, answer['code'], clip(answer_message(answer), 300, endpoint.api_key)))
 
 
 def document_name(message_id: str) -> str:
@@ -1309,7 +2009,7 @@ def upload_document(endpoint: RagflowSettings, name: str, text: str) -> dict:
     answer = ragflow_call(endpoint, 'POST', 'documents', 'upload',
                           files={'file': (name, text.encode('utf-8'), 'text/markdown')})
     if answer['code'] != 0:
-        raise _ragflow_failed(answer, 'upload')
+        raise _ragflow_failed(answer, 'upload', endpoint)
     docs = answer.get('data')
     if not (isinstance(docs, list) and docs and isinstance(docs[0], dict)
             and isinstance(docs[0].get('id'), str)):
@@ -1324,24 +2024,25 @@ def message_documents(endpoint: RagflowSettings, message_id: str) -> list[dict]:
     another message may start with this one's.
     """
     own = re.compile(r'message_%s(?:\(\d+\))?\.md' % re.escape(message_id))
-    found, page = [], 1
-    while True:
+    found = []
+    for page in range(1, settings.ragflow_max_pages + 1):
         answer = ragflow_call(endpoint, 'GET', 'documents', 'list', params={
             'keywords': 'message_%s' % message_id, 'page': page,
             'page_size': RAGFLOW_PAGE_SIZE, 'orderby': 'create_time', 'desc': 'false'})
         if answer['code'] != 0:
-            raise _ragflow_failed(answer, 'list')
+            raise _ragflow_failed(answer, 'list', endpoint)
         data = answer.get('data')
         docs = data.get('docs') if isinstance(data, dict) else None
         total = data.get('total') if isinstance(data, dict) else None
         if not isinstance(docs, list) or type(total) is not int:
             raise TransientError('RAGFlow list: the answer has no documents')
         found += [doc for doc in docs
-                  if isinstance(doc, dict) and own.fullmatch(str(doc.get('name')))
+                  if isinstance(doc, dict) and isinstance(doc.get('name'), str) and own.fullmatch(doc['name'])
                   and isinstance(doc.get('id'), str)]
         if len(docs) < RAGFLOW_PAGE_SIZE or page * RAGFLOW_PAGE_SIZE >= total:
             return found
-        page += 1
+    raise PermanentError('RAGFlow list: more than RAGFLOW_MAX_PAGES (%d) pages of documents named '
+                         'for message %s; not read further' % (settings.ragflow_max_pages, message_id))
 
 
 def delete_documents(endpoint: RagflowSettings, ids: list[str]) -> None:
@@ -1349,13 +2050,17 @@ def delete_documents(endpoint: RagflowSettings, ids: list[str]) -> None:
     if not ids:
         return
     answer = ragflow_call(endpoint, 'DELETE', 'documents', 'delete', json={'ids': ids})
-    if answer['code'] != 0 and not str(answer.get('message')).startswith('Documents not found'):
-        raise _ragflow_failed(answer, 'delete')
+    if answer['code'] != 0 and not answer_message(answer).startswith('Documents not found'):
+        raise _ragflow_failed(answer, 'delete', endpoint)
 
 
-def remove_documents(endpoint: RagflowSettings, message_id: str, keep: str | None = None) -> int:
-    """Delete every document of the message but ``keep``; how many were deleted."""
+def remove_documents(endpoint: RagflowSettings, message_id: str, run: JobRun,
+                     keep: str | None = None) -> int:
+    """Delete every document of the message but ``keep``, if ``run`` still owns its row;
+    how many were deleted."""
     ids = [doc['id'] for doc in message_documents(endpoint, message_id) if doc['id'] != keep]
+    if ids:
+        run.hold()
     delete_documents(endpoint, ids)
     return len(ids)
 
@@ -1370,7 +2075,7 @@ def rename_document(endpoint: RagflowSettings, document_id: str, name: str) -> b
 def parse_documents(endpoint: RagflowSettings, ids: list[str]) -> None:
     answer = ragflow_call(endpoint, 'POST', 'chunks', 'parse', json={'document_ids': ids})
     if answer['code'] != 0:
-        raise _ragflow_failed(answer, 'parse')
+        raise _ragflow_failed(answer, 'parse', endpoint)
 
 
 # Briefings.
@@ -1578,7 +2283,6 @@ class BriefingRun(JobRun):
 
     def __init__(self, kind: str, day: str, user_id: str):
         self.day = datetime.date.fromisoformat(day)
-        self.token = secrets.token_hex(8)
         super().__init__(kind, day, user_id)
 
     def load_state(self) -> Briefing:
@@ -1589,10 +2293,18 @@ class BriefingRun(JobRun):
                 & (Briefing.owner == self.token))
 
     def claim(self, manual: bool = False) -> bool:
-        """Take the day unless it is done, settled (for a queued run) or held under a live lease."""
+        """Take the day unless it is done, settled (for a queued run) or held under a live
+        lease.  A day whose runs died with their worker more than JOB_MAX_LOST_RUNS times
+        is failed here, not made."""
+        if not self.take(BRIEFING_OPEN + (('empty', 'failed') if manual else ())):
+            return False
+        self.state = self.load_state()
+        self.check_lost_runs()
+        return True
+
+    def take(self, statuses: tuple[str, ...]) -> bool:
         now = utcnow()
         lease_until = now + datetime.timedelta(seconds=settings.job_lease)
-        statuses = BRIEFING_OPEN + (('empty', 'failed') if manual else ())
         if not Briefing.claim(self.user_id, self.day, self.token, statuses, now, lease_until):
             return False
         self._remember(status='running', owner=self.token, attempts=self.state.attempts + 1,
@@ -1601,24 +2313,47 @@ class BriefingRun(JobRun):
         self.holds_lease = True
         return True
 
-    def write(self, **fields) -> int:
-        """Write these fields to the day's row while this run owns it; 0 once it does not."""
-        self._remember(updated_at=utcnow(), **fields)
-        return Briefing.write(self.user_id, self.day, self.token, **fields,
-                              updated_at=self.state.updated_at)
+    def write(self, **fields) -> None:
+        """Write these fields to the day's row while this run owns it; LeaseLost once it
+        does not.  Before its claim a run writes nothing: the row is not its own."""
+        if not self.holds_lease:
+            return
+        now = utcnow()
+        if not Briefing.write(self.user_id, self.day, self.token, **fields, updated_at=now):
+            raise LeaseLost('briefing of %s for user %s: the day was taken over by another run'
+                            % (self.day, self.user_id))
+        self._remember(**fields, updated_at=now)
 
     def publish(self, content: str, detail: str, **fields) -> bool:
-        """In one transaction, if this run still owns the day: mark it done, write the
-        pinned message, tag it and unpin the earlier briefings.  False if it lost the day."""
-        message_id, now = new_id(), utcnow()
-        with database.atomic():
-            if not self.finish('done', detail, message_id=message_id, **fields):
+        """In one transaction, while this run owns the day: mark it done, write the pinned
+        message, tag it and unpin the earlier briefings.
+
+        A run whose lease ran out (its worker paused) may find the day taken over.  If the
+        run that took it over failed, or is to try again, this one takes the day back and
+        makes the briefing; while that run is still under way it waits (at most
+        JOB_LEASE_SECONDS) to see how it ends.  False when another run made the day, or
+        settled it otherwise: this run's briefing is dropped.
+        """
+        waited_until = time.monotonic() + settings.job_lease
+        while True:
+            message_id, now = new_id(), utcnow()
+            try:
+                with database.atomic():
+                    self.finish('done', detail, message_id=message_id, **fields)
+                    pinned = unpin_earlier_briefings(self.user_id, self.day)
+                    Message.add(message_id, self.user_id, content, pinned, now)
+                    MessageTag.link(message_id, [Tag.upsert(BRIEFING_TAG, BRIEFING_TAG_COLOR).id])
+                return True
+            except LeaseLost:
                 self.outcome = 'unchanged'
-                return False
-            pinned = unpin_earlier_briefings(self.user_id, self.day)
-            Message.add(message_id, self.user_id, content, pinned, now)
-            MessageTag.link(message_id, [Tag.upsert(BRIEFING_TAG, BRIEFING_TAG_COLOR).id])
-        return True
+            while not self.take(('failed', 'retrying', 'pending')):
+                row = self.load_state()
+                held = row.status == 'running' and row.lease_until is not None and row.lease_until > utcnow()
+                if not held or time.monotonic() > waited_until:
+                    return False
+                time.sleep(0.5)
+            logger.warning('[daily-briefing] %s: user %s: the run that took the day over did not '
+                           'make it; this run, whose lease had run out, makes it', self.day, self.user_id)
 
 
 def due_briefings(now: datetime.datetime | None = None) -> tuple[datetime.date, list[str]]:
@@ -1822,6 +2557,9 @@ class Sweep:
         """Mark the job's row queued, unless a run or another sweep changed it since it was
         read, then enqueue the job.  False when the row had moved on (nothing enqueued)."""
         held = self.now + datetime.timedelta(seconds=settings.sweep_requeue)
+        # A run that died holding the row (its lease ran out) counts towards JOB_MAX_LOST_RUNS.
+        lost = JobState.lost_runs + 1 if job.state is not None and job.state.status == 'running' \
+            else JobState.lost_runs
         if job.state is None:
             marked = (JobState
                       .insert(kind=job.kind, message_id=job.message_id, user_id=job.user_id,
@@ -1831,7 +2569,7 @@ class Sweep:
                       .execute())
         else:
             marked = (JobState
-                      .update(status='queued', lease_until=held, updated_at=self.now)
+                      .update(status='queued', lease_until=held, updated_at=self.now, lost_runs=lost)
                       .where((JobState.id == job.state.id)
                              & (JobState.status == job.state.status)
                              & (JobState.updated_at == job.state.updated_at))
@@ -1883,7 +2621,7 @@ class Sweep:
             wanted = []
             if config.enable_auto_tag:
                 wanted.append(('auto-tag', content_hash(message.content)))
-            endpoint = ragflow_settings(config)
+            endpoint = ragflow_settings(config, check=False)
             if endpoint is not None:
                 tags = tag_names_of(ids, span) if tags is None else tags
                 text = document_text(message.content, tags.get(message.id, []))
@@ -1961,7 +2699,8 @@ class Sweep:
             self.enqueue_for([found[i] for i in chunk if i in found], 'recent')
 
     def scan_documents(self) -> None:
-        """The next SWEEP_SCAN_BATCH sync rows that name a document, by message id: one
+        """The next SWEEP_SCAN_BATCH sync rows that name a dataset (the message may have
+        documents there: a sync records it before its first upload), by message id: one
         whose message is gone is enqueued, and the sync removes its documents."""
         if self.budget <= 0:
             return
@@ -1971,7 +2710,7 @@ class Sweep:
                     .join(Message, JOIN.LEFT_OUTER, on=(Message.id == JobState.message_id))
                     .where((JobState.kind == 'sync-ragflow')
                            & (JobState.message_id > after)
-                           & JobState.document_id.is_null(False))
+                           & JobState.dataset_id.is_null(False))
                     .order_by(JobState.message_id)
                     .limit(settings.sweep_scan_batch)
                     .namedtuples())
@@ -1985,7 +2724,7 @@ class Sweep:
                 position = handled
                 break
             handled = state.message_id
-            endpoint = ragflow_settings(configs[state.user_id])
+            endpoint = ragflow_settings(configs[state.user_id], check=False)
             if endpoint is not None and needs_run(state, document_hash(None, endpoint.dataset_id)):
                 self.counts['deleted'] += self.enqueue(
                     DueJob('sync-ragflow', state.message_id, state.user_id, state), SCAN_PRIORITY)
@@ -2113,16 +2852,26 @@ def sync_ragflow(user_id: str, message_id: str, task: Task | None = None) -> Non
                 run.outcome = 'unchanged'
                 return
             if wanted <= found:
+                run.hold()
                 delete_documents(endpoint, sorted(found - wanted))
                 run.finish('done', 'unchanged, %d stray document(s) removed' % len(found - wanted))
                 return
         if message is None:
-            removed = remove_documents(endpoint, message_id)
+            removed = remove_documents(endpoint, message_id, run)
             run.finish('done', 'message deleted, %d document(s) removed' % removed,
-                       document_id=None, dataset_id=endpoint.dataset_id)
+                       document_id=None, dataset_id=None)
         else:
+            if run.state.dataset_id != endpoint.dataset_id:
+                # From now on the sweep looks in this dataset once the message is deleted,
+                # even for an upload whose answer is lost.
+                run.write(dataset_id=endpoint.dataset_id)
             doc = upload_document(endpoint, document_name(message_id), text)
-            removed = remove_documents(endpoint, message_id, keep=doc['id'])
+            try:
+                run.write(document_id=doc['id'], dataset_id=endpoint.dataset_id)
+            except LeaseLost:
+                delete_documents(endpoint, [doc['id']])  # this run's own upload, recorded nowhere
+                raise
+            removed = remove_documents(endpoint, message_id, run, keep=doc['id'])
             if doc.get('name') != document_name(message_id):
                 if rename_document(endpoint, doc['id'], document_name(message_id)):
                     doc['name'] = document_name(message_id)
@@ -2141,7 +2890,7 @@ def enqueue_ragflow_sync(user_id: str, message_id: str, config: AiConfig) -> boo
         return True
     except Exception as exc:
         logger.warning('[sync-ragflow] %s: enqueue failed, left for the sweep: %s',
-                       message_id, redact(str(exc))[:300])
+                       message_id, clip(exc, 300))
         return False
 
 
@@ -2158,7 +2907,7 @@ def cleanup_versions(keep: int = 50, message_id: str | None = None, task: Task |
         if isinstance(exc, ValueError) and task is not None:
             task.retries = 0  # a bad keep stays bad
         logger.error('[cleanup-versions] %s failed after %.2fs: %s: %s', scope,
-                     time.monotonic() - started, type(exc).__name__, redact(str(exc))[:300])
+                     time.monotonic() - started, type(exc).__name__, clip(exc, 300))
         raise
     logger.info('[cleanup-versions] %s done in %.2fs: deleted %d versions across %d messages',
                 scope, time.monotonic() - started, deleted, messages)
@@ -2180,7 +2929,7 @@ def enqueue_message_jobs(user_id: str, message_id: str) -> list[str]:
             enqueued.append('sync-ragflow')
     except Exception as exc:
         logger.warning('enqueue for message %s failed, left for the sweep: %s',
-                       message_id, redact(str(exc))[:300])
+                       message_id, clip(exc, 300))
     return enqueued
 
 
@@ -2309,7 +3058,7 @@ def start_sweeps() -> None:
                 sweep(briefings=delay == 0, reason=reason)
         except Exception as exc:
             logger.warning('[sweep] %s pass failed, the next one will catch up: %s', reason,
-                           redact('%s: %s' % (type(exc).__name__, exc))[:300])
+                           clip('%s: %s' % (type(exc).__name__, exc), 300))
 
 
 # Command line.
@@ -2415,11 +3164,12 @@ def status_report(failure_limit: int = 10) -> dict:
         queue['pending'] = huey.pending_count()
         queue['scheduled'] = huey.scheduled_count()
     except (RedisError, sqlite3.Error, OSError) as exc:
-        queue['error'] = redact('%s: %s' % (type(exc).__name__, exc))[:300]
+        queue['error'] = clip('%s: %s' % (type(exc).__name__, exc), 300)
     age = oldest_pending_age()
     runs = [{'name': run.name, 'outcome': run.outcome, 'started_at': _iso(run.started_at),
              'finished_at': _iso(run.finished_at), 'counts': json.loads(run.counts or '{}'),
-             'detail': run.detail} for run in WorkerRun.select().order_by(WorkerRun.name)]
+             'detail': None if run.detail is None else printable(run.detail)}
+            for run in WorkerRun.select().order_by(WorkerRun.name)]
     return {
         'queue': queue,
         'jobs': job_counts(),
@@ -2443,11 +3193,14 @@ def latest_failures(limit: int) -> list[dict]:
                  .where(Briefing.status == 'failed')
                  .order_by(Briefing.updated_at.desc(), Briefing.id.desc())
                  .limit(limit))
-    failures = [{'kind': state.kind, 'message_id': state.message_id, 'day': None,
-                 'user_id': state.user_id, 'time': _iso(state.updated_at),
-                 'error': state.last_error, 'attempts': state.attempts} for state in jobs]
+    # What users, models and RAGFlow wrote goes out escaped (printable), for terminals.
+    failures = [{'kind': printable(state.kind), 'message_id': printable(state.message_id),
+                 'day': None, 'user_id': printable(state.user_id), 'time': _iso(state.updated_at),
+                 'error': None if state.last_error is None else printable(state.last_error),
+                 'attempts': state.attempts} for state in jobs]
     failures += [{'kind': 'daily-briefing', 'message_id': None, 'day': row.day.isoformat(),
-                  'user_id': row.user_id, 'time': _iso(row.updated_at), 'error': row.last_error,
+                  'user_id': printable(row.user_id), 'time': _iso(row.updated_at),
+                  'error': None if row.last_error is None else printable(row.last_error),
                   'attempts': row.attempts} for row in briefings]
     failures.sort(key=lambda failure: failure['time'] or '', reverse=True)
     return failures[:limit]
@@ -2733,23 +3486,26 @@ def cmd_show(args: argparse.Namespace) -> int:
                   .select()
                   .where(JobState.message_id == message.id)
                   .order_by(JobState.kind))
-    who = author.email if author else message.author_id or 'nobody (a system message)'
-    print('message %s by %s, %s' % (message.id, who, _iso(message.created_at)))
+    # Notes, tags, e-mails and recorded errors are anyone's text: printable() keeps a
+    # terminal escape in them from acting on the terminal.
+    who = printable(author.email) if author else message.author_id or 'nobody (a system message)'
+    print('message %s by %s, %s' % (printable(message.id), who, _iso(message.created_at)))
     if message.title:
-        print('title: %s' % message.title)
-    print(''.join('  ' + line for line in message.content.splitlines(True)))
-    print('tags: %s' % (', '.join('#' + tag.name for tag in tags) or 'none'))
+        print('title: %s' % printable(message.title))
+    print('\n'.join('  ' + printable(line) for line in message.content.split('\n')))
+    print('tags: %s' % (', '.join('#' + printable(tag.name) for tag in tags) or 'none'))
     briefing = briefing_made_as(message)
     if briefing is not None:
         print('briefing: the daily briefing of %s for %s, %s' % (
-            briefing.day, who, 'made by the worker (%s)' % briefing.detail if briefing.id
-            else 'known by its title (the worker has no record of making it)'))
+            briefing.day, who, 'made by the worker (%s)' % printable(briefing.detail or '')
+            if briefing.id else 'known by its title (the worker has no record of making it)'))
     if states or briefing is None:
         print('jobs:' if states else 'jobs: none has run yet (is the consumer running?)')
     for state in states:
         text = state.last_error if state.status in ('failed', 'retrying') else state.detail
-        print('  %-12s %-8s attempts %d, %s  %s' % (state.kind, state.status, state.attempts,
-                                                    _iso(state.updated_at), text or ''))
+        print('  %-12s %-8s attempts %d, %s  %s' % (printable(state.kind), printable(state.status),
+                                                    state.attempts, _iso(state.updated_at),
+                                                    printable(text or '')))
     return 0
 
 
@@ -2813,8 +3569,8 @@ def cmd_briefing(args: argparse.Namespace) -> int:
             outcome, failed = 'failed', failed + 1
         row = Briefing.get((Briefing.user_id == user_id) & (Briefing.day == day))
         print('briefing of %s for user %s: %s (%s%s)' % (
-            day, user_id, outcome, row.status,
-            ''.join(': %s' % text for text in (row.message_id, row.detail, row.last_error) if text)))
+            day, printable(user_id), outcome, row.status,
+            ''.join(': %s' % printable(text) for text in (row.message_id, row.detail, row.last_error) if text)))
     if not user_ids:
         print('no user has the briefing on')
     return 1 if failed else 0
@@ -2932,9 +3688,14 @@ def main(argv: list[str] | None = None) -> int:
         database.connect(reuse_if_open=True)
     except (DatabaseError, InterfaceError, sqlite3.Error) as exc:  # a wrong password, TLS, no server
         print('whitenote-huey: cannot connect to DATABASE_URL %s: %s'
-              % (_hide_password(settings.database_url), redact(str(exc).strip())[:300]),
+              % (_hide_password(settings.database_url), clip(str(exc).strip(), 300)),
               file=sys.stderr)
         return EXIT_UNAVAILABLE
+    try:
+        huey.serializer.load_key()  # once the database is known to be there: no stray key file
+    except SettingsError as exc:
+        print('whitenote-huey: bad setting: %s' % exc, file=sys.stderr)
+        return 2
     try:
         with database.connection_context():
             if isinstance(database.obj, SqliteDatabase) and args.handler is not cmd_init_db:
@@ -2944,7 +3705,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, RedisError):
             text = queue_error(exc)  # names REDIS_URL, without its password
         else:
-            text = redact('%s: %s' % (type(exc).__name__, exc))[:300]
+            text = clip('%s: %s' % (type(exc).__name__, exc), 300)
         if 'no such table' in text or 'does not exist' in text:
             text += ' (run whitenote-huey init-db to create the tables)'
         print('whitenote-huey: the database or the queue failed: %s' % text, file=sys.stderr)

@@ -3,14 +3,16 @@
     python bench/model_client.py [--calls 500]
 
 Starts the fake model in a process of its own (so its CPU is not counted), then makes
-the same chat-completion request, one call at a time, through: the openai client's
-``chat.completions.create()``; its ``post()`` with the answer read as bytes (what
-``ask_model`` does); the httpx2 client under it; requests; and http.client.  Prints the
-CPU time of this process per call, and each against ``ask_model``'s way.
+the same chat-completion request, one call at a time, through: ``ask_model`` itself
+(the openai client's ``post()``, its answer read as a stream under the call's deadline
+and size limit); the client's ``chat.completions.create()``; its ``post()`` with the
+answer read as bytes; the httpx2 client under it; requests; and http.client.  Prints
+the CPU time of this process per call, and each against ``ask_model``.
 """
 import argparse
 import json
 import multiprocessing
+import os
 import time
 import urllib.parse
 
@@ -51,6 +53,10 @@ def main() -> None:
 
         import openai
         import requests
+
+        os.environ.setdefault('WHITENOTE_SECRET', common.SECRET)
+        import whitenote_huey
+        endpoint = whitenote_huey.ModelSettings(url, 'sk-bench-model-key', BODY['model'])
         client = openai.OpenAI(base_url=url + '/v1', api_key='sk-bench-model-key', max_retries=0,
                                timeout=20, http_client=openai.DefaultHttpxClient(follow_redirects=False))
         httpx_client = openai.DefaultHttpxClient(follow_redirects=False)
@@ -65,8 +71,9 @@ def main() -> None:
             return json.loads(connection.getresponse().read())
 
         cases = {
+            'ask_model()': lambda: whitenote_huey.ask_model(endpoint, BODY['messages'], BODY['temperature']),
             'openai chat.completions.create()': lambda: client.chat.completions.create(**BODY),
-            "openai post(), bytes (ask_model's way)": lambda: json.loads(
+            'openai post(), bytes': lambda: json.loads(
                 client.post('/chat/completions', body=BODY, cast_to=bytes)),
             'httpx2 client post()': lambda: httpx_client.post(
                 url + '/v1/chat/completions', json=BODY, headers=headers).json(),
@@ -77,7 +84,7 @@ def main() -> None:
         results = {name: cpu_per_call(call, args.calls) for name, call in cases.items()}
     finally:
         server.terminate()
-    base = results["openai post(), bytes (ask_model's way)"]
+    base = results['ask_model()']
     print('%d calls each, one at a time, CPU of this process per call (the server runs apart)' % args.calls)
     for name, seconds in results.items():
         print('%-40s %6.2f ms  %5.2fx' % (name, 1000 * seconds, seconds / base))

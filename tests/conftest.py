@@ -4,6 +4,7 @@ Redis and PostgreSQL come from TEST_REDIS_URL and TEST_DATABASE_URL (defaults: t
 local servers).  When one is not reachable, the tests that need it skip and say how
 to enable them; with WHITENOTE_REQUIRE_SERVICES=1 (as in CI) they fail instead.
 """
+import dataclasses
 import os
 import sys
 import tempfile
@@ -77,6 +78,15 @@ def redis_queue():
     whitenote_huey.huey.flush()
     yield whitenote_huey.huey
     whitenote_huey.huey.flush()
+
+
+@pytest.fixture
+def use(monkeypatch):
+    """Change settings for one test."""
+    def change(**changes):
+        monkeypatch.setattr(whitenote_huey, 'settings', dataclasses.replace(
+            whitenote_huey.settings, **changes))
+    return change
 
 
 @pytest.fixture

@@ -3,8 +3,9 @@
 It speaks ``POST /v1/chat/completions`` as OpenAI does, including its error envelope
 (``{"error": {"message", "type", "code"}}``), 401 for a wrong key, 404 for an unknown
 model, 429 with ``Retry-After``, 5xx, slow answers, dropped connections and bodies
-that are not JSON, so the real ``openai`` client code runs in the tests.  Every
-request is recorded with its arrival time.
+that are not JSON, so the real ``openai`` client code runs in the tests; and hostile
+answers: one dripped a byte at a time, one that never ends.  Every request is recorded
+with its arrival time and the client's address (one address per connection).
 """
 import dataclasses
 import json
@@ -26,6 +27,8 @@ class Reply:
     headers: dict = dataclasses.field(default_factory=dict)
     delay: float = 0.0
     drop: bool = False
+    drip: float = 0.0  # seconds between the bytes of the whole answer, status line first
+    endless: bool = False  # after the headers, a body that never ends, as fast as it is taken
 
 
 def tags(*names: str, delay: float = 0.0) -> Reply:
@@ -52,12 +55,23 @@ def drop(delay: float = 0.0) -> Reply:
     return Reply(drop=True, delay=delay)
 
 
+def drip(seconds: float = 1.0) -> Reply:
+    """A whole answer sent one byte every ``seconds``: each read gets something in time."""
+    return Reply(content='["dripped"]', drip=seconds)
+
+
+def endless(status: int = 200) -> Reply:
+    """Headers, then white space for ever (a JSON body that never gets to its value)."""
+    return Reply(status=status, endless=True)
+
+
 @dataclasses.dataclass
 class Request:
     time: float
     path: str
     headers: dict  # names lower-cased
     json: dict | None
+    client: tuple = ()  # the client's (address, port): one per connection
 
     @property
     def prompt(self) -> str:
@@ -77,6 +91,7 @@ class FakeModel:
         self._script: list[Reply] = []
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
+        self._stopping = threading.Event()
 
     @property
     def url(self) -> str:
@@ -115,7 +130,8 @@ class FakeModel:
                 except ValueError:
                     body = None
                 request = Request(time.monotonic(), self.path,
-                                  {k.lower(): v for k, v in self.headers.items()}, body)
+                                  {k.lower(): v for k, v in self.headers.items()}, body,
+                                  self.client_address)
                 reply = fake._next_reply(request)
                 if self.path != '/v1/chat/completions':
                     reply = error(404, 'Not found: %s' % self.path)
@@ -129,7 +145,13 @@ class FakeModel:
                     self.connection.shutdown(socket.SHUT_RDWR)
                     self.close_connection = True
                     return
+                if reply.endless:
+                    self._endless(reply)
+                    return
                 data = reply.body if reply.body is not None else self._completion(body, reply)
+                if reply.drip:
+                    self._drip(reply, data)
+                    return
                 self.send_response(reply.status)
                 self.send_header('Content-Type', 'application/json')
                 self.send_header('Content-Length', str(len(data)))
@@ -137,6 +159,32 @@ class FakeModel:
                     self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(data)
+
+            def _endless(self, reply: Reply) -> None:
+                self.close_connection = True
+                self.send_response(reply.status)
+                self.send_header('Content-Type', 'application/json')
+                self.end_headers()
+                chunk = b' ' * 65536
+                try:
+                    while not fake._stopping.is_set():
+                        self.wfile.write(chunk)
+                except OSError:
+                    pass  # the client gave up
+
+            def _drip(self, reply: Reply, data: bytes) -> None:
+                self.close_connection = True
+                head = ['HTTP/1.1 %d OK' % reply.status, 'Content-Type: application/json',
+                        'Content-Length: %d' % len(data), *('%s: %s' % item for item in reply.headers.items())]
+                answer = ('\r\n'.join(head) + '\r\n\r\n').encode() + data
+                try:
+                    for n in range(len(answer)):
+                        if fake._stopping.wait(reply.drip):
+                            return
+                        self.wfile.write(answer[n:n + 1])
+                        self.wfile.flush()
+                except OSError:
+                    pass
 
             def _completion(self, body: dict | None, reply: Reply) -> bytes:
                 return json.dumps({
@@ -165,6 +213,7 @@ class FakeModel:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

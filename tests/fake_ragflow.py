@@ -65,13 +65,15 @@ serves normally (the effect happens even if the client gave up); ``drop_after_st
 request (e.g. stores the upload) then closes the socket without answering; ``drop`` closes
 without doing anything; ``retry_after`` HTTP 429 (``status=503`` possible) with ``Retry-After:
 seconds`` (default 1); ``redirect`` HTTP 307 (``status=302`` possible) to ``location`` (default
-``/``), as a proxy in front of RAGFlow might answer.  ``code``/``message``/``body``/``status``
-options override the defaults.
+``/``), as a proxy in front of RAGFlow might answer; ``drip`` a whole answer one byte every
+``seconds`` (default 1), status line first; ``endless`` headers, then white space for ever.
+``code``/``message``/``body``/``status`` options override the defaults.
 
 Python API: ``FakeRagflow(port=0)``, ``start()`` / ``stop()`` / context manager, ``url``,
 ``add_dataset``, ``add_document`` (seed without HTTP), ``documents``, ``requests`` /
 ``reset_requests`` / ``count``, ``fail_next``, and the knobs ``delay``, ``parse_seconds``,
-``delete_all_on_empty_ids``; ``errors`` lists exceptions answered as code 100 and handler crashes.
+``delete_all_on_empty_ids``, ``reply_headers`` (sent with every answer, e.g. Set-Cookie);
+``errors`` lists exceptions answered as code 100 and handler crashes.
 ``stop()`` then ``start()`` serves the same state on the same port (a server restart).
 
 RAGFlow sources checked: docs/references/http_api_reference.md, api/apps/sdk/doc.py,
@@ -110,7 +112,7 @@ AUTHENTICATION_ERROR, UNAUTHORIZED, SERVER_ERROR = 109, 401, 500
 FILE_NAME_LEN_LIMIT = 255
 FAULT_KINDS = frozenset({
     "http500", "http502", "http401", "auth", "busy", "data_false", "malformed", "slow",
-    "drop_after_store", "drop", "retry_after", "redirect",
+    "drop_after_store", "drop", "retry_after", "redirect", "drip", "endless",
 })
 _MODEL_FIELDS = frozenset({
     "id", "thumbnail", "kb_id", "parser_id", "pipeline_id", "parser_config", "source_type", "type",
@@ -153,6 +155,7 @@ class RecordedRequest:
     json: Any
     files: list[tuple[str, bytes]]
     dataset_id: str | None
+    client: tuple = ()  # the client's (address, port): one per connection
 
 
 @dataclass
@@ -344,6 +347,8 @@ class FakeRagflow:
         self.delay = 0.0
         self.parse_seconds = 0.0
         self.delete_all_on_empty_ids = True
+        self.reply_headers: dict[str, str] = {}
+        self._stopping = threading.Event()
         self.requests: list[RecordedRequest] = []
         self.errors: list[BaseException | None] = []  # exceptions answered as code 100, crashes
         self._lock = threading.Lock()
@@ -357,6 +362,7 @@ class FakeRagflow:
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> Self:
+        self._stopping.clear()
         self._server = _Server(self, self.port)
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
@@ -368,6 +374,7 @@ class FakeRagflow:
         """Stop serving and cut kept-alive connections so no client talks to a dead fake."""
         if self._server is None:
             return
+        self._stopping.set()
         self._server.shutdown()
         with self._lock:
             connections = list(self._connections)
@@ -473,13 +480,17 @@ class FakeRagflow:
             time=arrived, method=method, path=path, query={k: v[0] for k, v in query_lists.items()},
             headers=dict(handler.headers.items()), body=body, json=parsed_json,
             files=[(fname, data) for _, fname, data in parts if fname is not None],
-            dataset_id=dataset_match.group(1) if dataset_match else None)
+            dataset_id=dataset_match.group(1) if dataset_match else None,
+            client=handler.client_address)
         with self._lock:
             self.requests.append(record)
             fault = self._take_fault(method, path)
         kind = fault.kind if fault else None
         options = fault.options if fault else {}
         reply = _Reply(500, b"")
+        if kind in ("drip", "endless"):
+            self._hostile(handler, kind, options)
+            return
         if kind == "slow":
             time.sleep(float(options.get("seconds", 1.0)))
         if kind in (None, "slow", "drop_after_store"):
@@ -499,12 +510,31 @@ class FakeRagflow:
             handler.send_response(reply.status)
             handler.send_header("Content-Type", reply.content_type)
             handler.send_header("Content-Length", str(len(reply.body)))
-            for name, value in reply.headers.items():
+            for name, value in {**self.reply_headers, **reply.headers}.items():
                 handler.send_header(name, value)
             handler.end_headers()
             handler.wfile.write(reply.body)
         except OSError:
             handler.close_connection = True
+
+    def _hostile(self, handler: _Handler, kind: str, options: dict[str, Any]) -> None:
+        """``endless``: headers, then white space for ever; ``drip``: an answer a byte at a time."""
+        handler.close_connection = True
+        try:
+            if kind == "endless":
+                handler.send_response(200)
+                handler.send_header("Content-Type", "application/json")
+                handler.end_headers()
+                while not self._stopping.is_set():
+                    handler.wfile.write(b" " * 65536)
+                return
+            answer = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"code": 0}'
+            for n in range(len(answer)):
+                if self._stopping.wait(float(options.get("seconds", 1.0))):
+                    return
+                handler.wfile.write(answer[n:n + 1])
+        except OSError:
+            pass  # the client gave up
 
     @staticmethod
     def _fault_reply(kind: str, options: dict[str, Any]) -> _Reply:

@@ -4,8 +4,10 @@ import datetime
 import json
 import os
 import socket
+import socketserver
 import subprocess
 import sys
+import threading
 import time
 from urllib.parse import urlparse
 
@@ -344,3 +346,45 @@ class RedisServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class CaptureServer:
+    """A TCP server on 127.0.0.1 that records every connection made to it (with the first
+    bytes sent) and answers each with HTTP 200 ``{}``: where traffic that must never be
+    sent would land, so that "nothing was sent" is a count of connections."""
+
+    def __init__(self):
+        self.connections: list[tuple[tuple, bytes]] = []
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> 'CaptureServer':
+        capture = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                self.request.settimeout(2)
+                try:
+                    data = self.request.recv(4096)
+                except OSError:
+                    data = b''
+                with capture._lock:
+                    capture.connections.append((self.client_address, data))
+                try:
+                    self.request.sendall(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n'
+                                         b'Content-Length: 2\r\nConnection: close\r\n\r\n{}')
+                except OSError:
+                    pass
+
+        self.server = socketserver.ThreadingTCPServer(('127.0.0.1', 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.port = self.server.server_address[1]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    @property
+    def url(self) -> str:
+        return 'http://127.0.0.1:%d' % self.port

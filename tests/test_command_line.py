@@ -414,7 +414,8 @@ def test_outcome_labels_come_from_a_fixed_set(db, tmp_path):
             outcomes = scrape_outcomes(port)
         finally:
             consumer.stop()
-    assert {outcome for _, outcome in outcomes} == set(whitenote_huey.JOB_OUTCOMES)
+    # Every outcome but 'lost', which needs a run paused past its lease (tests/test_leases.py).
+    assert {outcome for _, outcome in outcomes} == set(whitenote_huey.JOB_OUTCOMES) - {'lost'}
     assert readme_outcomes() == list(whitenote_huey.JOB_OUTCOMES)
     assert outcomes[('auto-tag', 'retrying')] == 1 and outcomes[('auto-tag', 'deferred')] >= 1
     assert {kind for kind, _ in outcomes} == {'auto-tag', 'daily-briefing'}

@@ -25,6 +25,7 @@ from fake_ragflow import FakeRagflow
 from services import Consumer
 from services import RedisServer
 from services import cli
+from services import drain
 from services import make_message
 from services import make_user
 from services import subprocess_env
@@ -215,4 +216,33 @@ def test_no_key_in_logs_redis_or_tables_after_a_full_run(db, tmp_path, caplog):
     sources['stored errors'] = '\n'.join(errors)
     leaks = [(source, name) for source, content in sources.items()
              for name, key in keys.items() if key in content]
+    assert leaks == []
+
+
+def test_a_key_echoed_late_in_an_error_is_masked_before_the_text_is_cut(db, redis_queue, tmp_path, caplog):
+    """The model and RAGFlow repeat the key where a cut at 300 characters would keep its
+    first 20 characters: masked first, no part of it is left in the record, the log or
+    ``status --json``."""
+    caplog.set_level('DEBUG')
+    keys = {'model': marker('latemodel'), 'ragflow': marker('lateragflow')}
+    with FakeModel(api_key=keys['model']) as model, FakeRagflow() as ragflow:
+        # Where the error's text puts the key: so that a cut at 300 would keep 20 of its characters.
+        model.default = error(401, 'x' * (300 - len('Error code: 401 - ') - 20) + keys['model'] + ' is revoked')
+        dataset = ragflow.add_dataset(keys['ragflow'])
+        user = make_user(config=dict(openai_base_url=model.url, openai_api_key=keys['model'],
+                                     ragflow_base_url=ragflow.url, ragflow_api_key=keys['ragflow'],
+                                     ragflow_dataset_id=dataset))
+        ragflow.fail_next('auth', message='y' * 280 + keys['ragflow'] + ' is invalid!')
+        message = make_message(user, 'a note')
+        caplog.clear()  # the test wrote the keys as the web app does (logged by peewee); now the run
+        whitenote_huey.auto_tag(user.id, message.id)
+        whitenote_huey.sync_ragflow(user.id, message.id)
+        drain(whitenote_huey.huey)
+    errors = [state.last_error for state in models.JobState.select()]
+    assert len(errors) == 2 and all('***' in text for text in errors)
+    report = cli({'DATABASE_URL': db.url, 'WHITENOTE_SECRET': os.environ['WHITENOTE_SECRET']},
+                 str(tmp_path), 'status', '--json')
+    shown = '\n'.join(errors) + caplog.text + report.stdout + report.stderr
+    assert json.loads(report.stdout)['failures']
+    leaks = [name for name, key in keys.items() for start in range(len(key) - 7) if key[start:start + 8] in shown]
     assert leaks == []

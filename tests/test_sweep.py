@@ -3,7 +3,6 @@
 Time is injected where it matters: ``sweep(now=...)`` takes the clock, and a lease
 running out is a row whose ``lease_until`` is in the past.
 """
-import dataclasses
 import datetime
 
 import pytest
@@ -29,15 +28,6 @@ from models import MessageVersion
 pytestmark = pytest.mark.usefixtures('db', 'redis_queue')
 
 LONG_AGO = models.utcnow() - datetime.timedelta(days=30)
-
-
-@pytest.fixture
-def use(monkeypatch):
-    """Change settings for one test."""
-    def change(**changes):
-        monkeypatch.setattr(whitenote_huey, 'settings', dataclasses.replace(
-            whitenote_huey.settings, **changes))
-    return change
 
 
 def later(seconds: float) -> datetime.datetime:
