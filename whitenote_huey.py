@@ -2349,32 +2349,45 @@ def enqueue_message_jobs(user_id: str, message_id: str) -> list[str]:
     written in Python, in its request path: if the queue or database is down, the
     message is already saved and the sweep finds it later.
     """
+    return enqueue_jobs(MESSAGES, user_id, message_id)
+
+
+def enqueue_comment_jobs(user_id: str, comment_id: str) -> list[str]:
+    """As enqueue_message_jobs, for a comment (workspaces): ``auto-tag-comment``, and
+    ``sync-ragflow-comment`` following it.  The web app enqueues a new comment's
+    tagging and sync side by side; taking both here uploads it once, after tagging."""
+    return enqueue_jobs(COMMENTS, user_id, comment_id)
+
+
+def enqueue_jobs(kind: ContentKind, user_id: str, content_id: str) -> list[str]:
     jobs = []
     try:
         if models.shape().workspaces:
-            item = Message.content_of(message_id)
+            item = kind.read(content_id)
             if item is None:  # gone: its documents are cleaned up, if it had any
-                owner, config, dataset = deleted_sync_target(MESSAGES, user_id, message_id)
+                owner, config, dataset = deleted_sync_target(kind, user_id, content_id)
                 tagging = False
             else:
                 owner, dataset = item.owner_id, item.dataset_id
                 config = AiConfig.for_user(owner) if owner else None
                 tagging = bool(item.auto_tag and item.tagger_id)
+        elif kind is COMMENTS:
+            return jobs  # no comments in this WhiteNote
         else:
             owner, dataset, config = user_id, None, AiConfig.for_user(user_id)
             tagging = config.enable_auto_tag
         synced = owner is not None and ragflow_settings(config or AiConfig.for_user(owner), check=False,
                                                         dataset_id=dataset) is not None
         if tagging:
-            auto_tag(user_id, message_id)
-            jobs.append('auto-tag')
+            JOB_TASKS[kind.auto_tag](user_id, content_id)
+            jobs.append(kind.auto_tag)
             if synced:
-                jobs.append('sync-ragflow')
-        elif synced and enqueue_ragflow_sync(owner, message_id, config, dataset):
-            jobs.append('sync-ragflow')
+                jobs.append(kind.sync)
+        elif synced and enqueue_ragflow_sync(owner, content_id, config, dataset, kind):
+            jobs.append(kind.sync)
     except Exception as exc:
-        logger.warning('enqueue for message %s failed, left for the sweep: %s',
-                       message_id, redact(str(exc))[:300])
+        logger.warning('enqueue for %s %s failed, left for the sweep: %s', kind.name,
+                       content_id, redact(str(exc))[:300])
     return jobs
 
 

@@ -298,6 +298,25 @@ def test_comments_are_tagged_through_comment_tag_and_kept_in_the_dataset(wdb, mo
     assert job_state('sync-ragflow-comment', comment.id).detail == 'comment deleted, 1 document(s) removed'
 
 
+def test_a_new_comment_reaches_ragflow_once_though_the_web_app_sends_both_jobs(wdb, model, ragflow):
+    user, key = owner(model, ragflow)
+    dataset = ragflow.add_dataset(key)
+    tagging = make_workspace(user, 'Tagging', True, dataset)
+    plain = make_workspace(user, 'Plain', dataset_id=ragflow.add_dataset(key), auto_tag=False)
+    comment = Comment.create(message=make_ws_message(user, 'a note', tagging), author=user,
+                             content='a new comment')
+    for _ in ('auto-tag-comment', 'sync-ragflow'):  # the route enqueues both, side by side
+        assert whitenote_huey.enqueue_comment_jobs(user.id, comment.id) == [
+            'auto-tag-comment', 'sync-ragflow-comment']
+    drain(whitenote_huey.huey)
+    assert len(uploads(ragflow)) == 1 and len(model.chat_requests()) == 1
+    assert [d['content'] for d in own_docs(ragflow, dataset, comment.id)] == ['#alpha #beta\n\na new comment']
+    untagged = Comment.create(message=make_ws_message(user, 'b note', plain), author=user, content='b')
+    assert whitenote_huey.enqueue_comment_jobs(user.id, untagged.id) == ['sync-ragflow-comment']
+    drain(whitenote_huey.huey)
+    assert len(uploads(ragflow)) == 2 and comment_tags(untagged.id) == []
+
+
 def test_the_sweep_finds_comments_as_it_finds_messages(wdb, model, ragflow):
     user, key = owner(model, ragflow)
     dataset = ragflow.add_dataset(key)
