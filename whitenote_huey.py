@@ -50,6 +50,7 @@ from huey.api import Task
 from huey.api import TaskWrapper
 from huey.serializer import SignedSerializer
 from huey.storage import RedisStorage
+from huey.storage import SqliteStorage
 from peewee import JOIN
 from peewee import SQL
 from peewee import DatabaseError
@@ -326,6 +327,14 @@ def _gevent_wait(connection, timeout: float | None = None) -> None:
             raise psycopg2.OperationalError('bad state from poll: %r' % state)
 
 
+def database_file() -> str | None:
+    """The absolute path of the SQLite file the models open (the one sqlite_path() found
+    in DATABASE_URL); None on PostgreSQL."""
+    if isinstance(database.obj, SqliteDatabase) and database.obj.database != ':memory:':
+        return os.path.abspath(database.obj.database)
+    return None
+
+
 def use_database(url: str) -> None:
     """Point the models at the database ``url`` names."""
     if database.obj is not None and not database.is_closed():
@@ -339,7 +348,11 @@ use_database(settings.database_url)
 # The Huey instance.
 
 def load_secret(config: Settings) -> str:
-    """WHITENOTE_SECRET, else a random key kept in a file beside the data (one host only)."""
+    """WHITENOTE_SECRET, else a random key kept in a file beside the data (one host only).
+
+    The file is written whole under another name, then linked into place: of two
+    processes making it at once, one wins and the other reads the winner's key.
+    """
     if config.secret:
         return config.secret
     path = os.path.join(config.data_dir, '.whitenote-secret')
@@ -349,14 +362,40 @@ def load_secret(config: Settings) -> str:
     except FileNotFoundError:
         pass
     key = secrets.token_hex(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, 'w') as handle:
-        handle.write(key)
+    draft = '%s.%d-%s' % (path, os.getpid(), secrets.token_hex(4))
+    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, 'w') as handle:
+            handle.write(key)
+        os.link(draft, path)
+    except FileExistsError:
+        with open(path) as handle:
+            key = handle.read().strip()
+    finally:
+        os.unlink(draft)
     return key
 
 
 class CheckedSerializer(SignedSerializer):
-    """Huey's signed pickles; a payload that fails the signature check is never unpickled."""
+    """Huey's signed pickles; a payload that fails the signature check is never unpickled.
+
+    The key is read (or made) when the first payload is signed or checked, not at
+    import: a command refused for a missing database leaves no key file behind.
+    """
+
+    def __init__(self, config: Settings, salt: str):
+        super().__init__(secret='read on first use', salt=salt)
+        self.config = config
+        self._key = None
+        self._key_lock = threading.Lock()
+
+    def _signature(self, message: bytes) -> bytes:
+        if self._key is None:
+            with self._key_lock:
+                if self._key is None:
+                    secret = load_secret(self.config).encode('utf-8')
+                    self._key = hashlib.sha1(self.salt + secret).digest()
+        return super()._signature(message)
 
     def _unsign(self, signed: bytes) -> bytes:
         try:
@@ -387,8 +426,26 @@ class WhiteNoteRedisHuey(ConsumerLogging, PriorityRedisHuey):
     """Huey on Redis, with priorities: bulk re-runs wait behind new messages' jobs."""
 
 
+class WhiteNoteSqliteStorage(SqliteStorage):
+    """Huey's SQLite storage, whose file and tables are made on first use, not at import:
+    a command refused for a missing database leaves no queue file behind."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **dict(kwargs, create_tables=False))
+        self._schema_ready = False
+
+    def _create_connection(self) -> sqlite3.Connection:
+        connection = super()._create_connection()
+        if not self._schema_ready:
+            for statement in self.ddl:  # "if not exists": harmless beside another process
+                connection.execute(statement)
+            self._schema_ready = True
+        return connection
+
+
 class WhiteNoteSqliteHuey(ConsumerLogging, SqliteHuey):
     """Huey's SQLite storage (which honours priorities too), for a machine without Redis."""
+    storage_class = WhiteNoteSqliteStorage
 
 
 def make_huey(config: Settings) -> Huey:
@@ -398,7 +455,7 @@ def make_huey(config: Settings) -> Huey:
     arbitrary data; results are not stored, since the database records outcomes.
     """
     options = dict(results=False, utc=True,
-                   serializer=CheckedSerializer(secret=load_secret(config), salt='whitenote-huey'))
+                   serializer=CheckedSerializer(config, salt='whitenote-huey'))
     if config.redis_url:
         if not config.secret:
             logger.warning('WHITENOTE_SECRET is unset: payloads are signed with a key '
@@ -583,6 +640,7 @@ class JobRun:
         self.user_id = user_id
         self.state = self.load_state()
         self.outcome = 'unchanged'
+        self.retry_in: float | None = None  # deferred: seconds until it runs again
         self.secrets: tuple = ()
         self.holds_lease = False
 
@@ -681,8 +739,12 @@ def job(kind: str, message_id: str, user_id: str, task: Task | None,
             if run.holds_lease:
                 leases.release(run)
     duration = time.monotonic() - started
-    logger.info('[%s] %s %s in %.2fs', kind, message_id, run.outcome, duration, extra=dict(
-        fields, outcome=run.outcome, duration=round(duration, 3), attempt=run.state.attempts))
+    fields.update(outcome=run.outcome, duration=round(duration, 3), attempt=run.state.attempts)
+    again = ''
+    if run.retry_in is not None:
+        fields['retry_in'] = round(run.retry_in, 1)
+        again = ': runs again in %.1fs (another run holds the message)' % run.retry_in
+    logger.info('[%s] %s %s in %.2fs%s', kind, message_id, run.outcome, duration, again, extra=fields)
     count_job(kind, run.outcome, duration)
 
 
@@ -721,6 +783,12 @@ def recorded_run(name: str) -> Iterator[dict]:
 
 # Metrics.
 
+# Every value a job's outcome takes: the "outcome" label of whitenote_jobs_total, and the
+# "outcome" field of the log line a job ends with.  Free text (a delay, an error) goes
+# to the log line only, so the metric keeps one series per kind and outcome.
+JOB_OUTCOMES = ('done', 'unchanged', 'skipped', 'empty', 'deferred', 'retrying', 'failed')
+
+
 class Metrics:
     """The consumer's Prometheus metrics, in a registry of their own.
 
@@ -732,8 +800,8 @@ class Metrics:
         import prometheus_client as client  # the optional "metrics" extra
         self.registry = client.CollectorRegistry()
         self.jobs = client.Counter(
-            'whitenote_jobs', 'Jobs run, by kind and outcome (done, unchanged, skipped, '
-            'retrying, failed).', ['kind', 'outcome'], registry=self.registry)
+            'whitenote_jobs', 'Jobs run, by kind and outcome (%s).' % ', '.join(JOB_OUTCOMES),
+            ['kind', 'outcome'], registry=self.registry)
         self.duration = client.Histogram(
             'whitenote_job_duration_seconds', 'How long jobs ran, by kind.', ['kind'],
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=self.registry)
@@ -849,7 +917,7 @@ def defer(run: JobRun, task: TaskWrapper, *args) -> None:
     """Run the job again in a few seconds: another live run holds its row."""
     delay = RETRY_DELAY * random.uniform(2.0, 4.0)
     task.schedule(args, delay=delay)
-    run.outcome = 'deferred %.1fs (another run holds the message)' % delay
+    run.outcome, run.retry_in = 'deferred', delay
 
 
 def outbound_url(url: str, setting: str) -> str:
@@ -1018,11 +1086,44 @@ def validate_tags(candidates: list) -> list[str]:
     return valid
 
 
+# Scripts written without spaces between words (Chinese, Japanese, Korean, Thai, Lao,
+# Myanmar, Khmer): a tag name in them is found as a whole wherever it stands.
+_UNSPACED = ('\u0e00-\u0eff\u1000-\u109f\u1100-\u11ff\u1780-\u17ff\u3005-\u3007'
+             '\u3040-\u30ff\u3130-\u318f\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff'
+             '\ua960-\ua97f\uac00-\ud7af\uf900-\ufaff\uff66-\uffdc\U00020000-\U0003ffff')
+# A letter, digit, underscore or combining mark of any other script: what a word in a
+# spaced script is made of, so what a name must not touch to be a whole word.
+_SPACED_WORD = '(?:[^\\W%s]|[\u0300-\u036f])' % _UNSPACED
+_SPACED_WORDS = re.compile(_SPACED_WORD + '+')
+
+
+def fold(text: str) -> str:
+    """Text as compared ignoring case and width (NFKC, case-folded)."""
+    return unicodedata.normalize('NFKC', unicodedata.normalize('NFKC', text).casefold())
+
+
+def mentions(text: str, words: set[str], name: str) -> bool:
+    """Whether the folded ``text`` (whose spaced-script words are ``words``) mentions the
+    folded tag ``name``: as a whole word where the name begins or ends with a letter or
+    digit of a spaced script ("go" is not in "going", "ai" not in "email", "python" is
+    in "学python"), and anywhere where it begins or ends in an unspaced one ("读书" is in
+    "读书笔记")."""
+    if not name:
+        return False
+    if _SPACED_WORDS.fullmatch(name):
+        return name in words  # one set lookup, however long the text
+    # The name comes first, then a look back past it: re then scans for the name alone.
+    before = '(?<!%s(?s:.){%d})' % (_SPACED_WORD, len(name)) if re.match(_SPACED_WORD, name) else ''
+    after = '(?!%s)' % _SPACED_WORD if re.match(_SPACED_WORD, name[-1]) else ''
+    return re.search(re.escape(name) + before + after, text) is not None
+
+
 def offline_tags(content: str, known_tags: list[str]) -> list[str]:
     """Tags without a model: the note's own #hashtags, then the user's tags it mentions."""
     found = _HASHTAG.findall(content)
-    folded = content.casefold()
-    found += [name for name in known_tags if name.casefold() in folded]
+    folded = fold(content)
+    words = set(_SPACED_WORDS.findall(folded))
+    found += [name for name in known_tags if mentions(folded, words, fold(name))]
     return validate_tags(found)
 
 
@@ -1428,8 +1529,9 @@ def first_line(content: str, limit: int = 60) -> str:
 
 
 def offline_briefing(covered: list[Message], messages: list[Message]) -> str:
-    """Without a model: the day's messages by first line, their count and most used tags."""
-    lines = ['📝 昨日回顾：%d 条笔记 (%d messages)' % (len(messages), len(messages)), '']
+    """Without a model: the day's messages by first line, their count and most used tags,
+    in Chinese, as the web app writes (the notes' own lines stay as they are)."""
+    lines = ['📝 昨日回顾：共 %d 条笔记' % len(messages), '']
     for message in covered:
         created = message.created_at.replace(tzinfo=datetime.UTC).astimezone(settings.timezone)
         lines.append('- %s %s' % (created.strftime('%H:%M'), first_line(message.content)))
@@ -1443,8 +1545,8 @@ def offline_briefing(covered: list[Message], messages: list[Message]) -> str:
                 .limit(5)
                 .tuples())
     if tags:
-        lines += ['', '🏷️ 常用标签：' + ', '.join('#%s (%d)' % (name, count) for name, count in tags)]
-    lines += ['', '*离线生成，未使用 AI 模型 (made without a model: no API key is configured).*']
+        lines += ['', '🏷️ 常用标签：' + '、'.join('#%s（%d 条）' % (name, count) for name, count in tags)]
+    lines += ['', '*未配置 AI 模型的 API 密钥，本晨报为离线生成。*']
     return '\n'.join(lines)
 
 
@@ -1460,8 +1562,8 @@ def briefing_content(day: datetime.date, body: str, covered: int, total: int,
                      title: str | None = None) -> str:
     """The title (by default the user's briefing's), the body as plain text, and how many
     of the day's messages it covers."""
-    return '%s\n\n%s\n\n---\n*covers %d of %d messages*' % (title or briefing_title(day), body,
-                                                           covered, total)
+    return '%s\n\n%s\n\n---\n*涵盖当天 %d 条笔记中的 %d 条*' % (title or briefing_title(day), body,
+                                                           total, covered)
 
 
 def workspace_briefing_title(name: str, day: datetime.date) -> str:
@@ -2477,10 +2579,17 @@ def workspace_briefing(workspace_id: str, day: datetime.date, manual: bool = Fal
 
 def dispatch_briefings(now: datetime.datetime | None = None) -> list[str]:
     """Enqueue a briefing task for each user (with workspaces: each workspace) whose
-    briefing is due at ``now``."""
-    day, due = due_briefings(now)
+    briefing is due at ``now``.
+
+    Each pass is recorded as the run "briefings", with the day and how many were
+    enqueued: ``whitenote-huey status`` shows the last dispatch.
+    """
     task = workspace_briefing if models.shape().workspaces else daily_briefing
-    enqueue_all([task.s(subject_id, day) for subject_id in due])
+    with recorded_run('briefings') as counts:
+        day, due = due_briefings(now)
+        counts['day'] = day.isoformat()
+        enqueue_all([task.s(subject_id, day) for subject_id in due])
+        counts['enqueued'] = len(due)
     if due:
         logger.info('[daily-briefing] %s: enqueued for %d %s', day, len(due),
                     'workspace(s)' if task is workspace_briefing else 'user(s)')
@@ -2583,9 +2692,52 @@ COMMENT_KINDS = (COMMENTS.auto_tag, COMMENTS.sync)  # jobs of the workspaces sha
 BULK_PRIORITY = -10  # retry and retag: behind every job enqueued at the default, 0
 BATCH_SIZE = 500
 STATUS_BUCKETS = ('done', 'pending', 'running', 'failed', 'skipped', 'other')
+BRIEFING_BUCKETS = ('done', 'empty', 'failed', 'skipped', 'pending', 'running', 'other')
+STATUS_DAYS = 7  # status counts the briefings of this many days back from today
 EXIT_UNAVAILABLE = 3
 EXIT_STATUSES = ('exit status: 0 done, 1 not found or refused, 2 bad arguments, '
                  '3 database or queue unreachable, 130 interrupted (safe to run again)')
+CREATES_DATABASE = ('init-db', 'note')  # the commands that may make a new SQLite file
+_EMAIL = re.compile(r'[^@\s]+@[^@\s]+')
+
+
+def refuse(command: str, text: str, status: int = 1) -> int:
+    """Say why a command stops, on stderr, and give its exit status (1: not found)."""
+    print('whitenote-huey %s: %s' % (command, text), file=sys.stderr)
+    return status
+
+
+def user_option(value: str) -> str:
+    """A --user option: a user's id or email, not blank."""
+    value = value.strip()
+    if not value or _CONTROL_CHARS.search(value):
+        raise argparse.ArgumentTypeError("%r is not a user's id or email" % value)
+    return value
+
+
+def count_option(value: str) -> int:
+    """A whole number of at least 0 (how many to list or enqueue)."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError('%r is not a whole number of at least 0' % value)
+    return number
+
+
+def find_user(value: str) -> User | None:
+    """The user a --user option names: by id, else by email, else by email ignoring case
+    (when that names one user only)."""
+    for condition in (User.id == value, User.email == value,
+                      fn.LOWER(User.email) == value.lower()):
+        found = list(User
+                     .select(User.id, User.email)
+                     .where(condition)
+                     .limit(2))
+        if len(found) == 1:
+            return found[0]
+    return None
 
 
 def cmd_init_db(args: argparse.Namespace) -> int:
@@ -2649,23 +2801,64 @@ def status_report(failure_limit: int = 10) -> dict:
         queue['scheduled'] = huey.scheduled_count()
     except (RedisError, sqlite3.Error, OSError) as exc:
         queue['error'] = redact('%s: %s' % (type(exc).__name__, exc))[:300]
-    failures = (JobState
-                .select()
-                .where(JobState.status == 'failed')
-                .order_by(JobState.updated_at.desc(), JobState.id.desc())
-                .limit(failure_limit))
     age = oldest_pending_age()
+    runs = [{'name': run.name, 'outcome': run.outcome, 'started_at': _iso(run.started_at),
+             'finished_at': _iso(run.finished_at), 'counts': json.loads(run.counts or '{}'),
+             'detail': run.detail} for run in WorkerRun.select().order_by(WorkerRun.name)]
     return {
         'queue': queue,
         'jobs': job_counts(),
         'oldest_pending_seconds': None if age is None else round(age, 1),
-        'failures': [{'kind': state.kind, 'message_id': state.message_id, 'user_id': state.user_id,
-                      'time': _iso(state.updated_at), 'error': state.last_error,
-                      'attempts': state.attempts} for state in failures],
-        'runs': [{'name': run.name, 'outcome': run.outcome, 'started_at': _iso(run.started_at),
-                  'finished_at': _iso(run.finished_at), 'counts': json.loads(run.counts or '{}'),
-                  'detail': run.detail} for run in WorkerRun.select().order_by(WorkerRun.name)],
+        'failures': latest_failures(failure_limit),
+        'runs': runs,
+        'briefings': briefing_counts(next((run for run in runs if run['name'] == 'briefings'), None)),
     }
+
+
+def latest_failures(limit: int) -> list[dict]:
+    """The latest failed jobs and briefings, newest first, each with the same keys (a job
+    has no ``day``, a briefing no ``message_id``)."""
+    jobs = (JobState
+            .select()
+            .where(JobState.status == 'failed')
+            .order_by(JobState.updated_at.desc(), JobState.id.desc())
+            .limit(limit))
+    briefings = (Briefing
+                 .select()
+                 .where(Briefing.status == 'failed')
+                 .order_by(Briefing.updated_at.desc(), Briefing.id.desc())
+                 .limit(limit))
+    failures = [{'kind': state.kind, 'message_id': state.message_id, 'day': None,
+                 'user_id': state.user_id, 'time': _iso(state.updated_at),
+                 'error': state.last_error, 'attempts': state.attempts} for state in jobs]
+    failures += [{'kind': 'daily-briefing', 'message_id': None, 'day': row.day.isoformat(),
+                  'user_id': row.user_id, 'time': _iso(row.updated_at), 'error': row.last_error,
+                  'attempts': row.attempts} for row in briefings]
+    failures.sort(key=lambda failure: failure['time'] or '', reverse=True)
+    return failures[:limit]
+
+
+def briefing_counts(dispatch: dict | None) -> dict:
+    """The last dispatch (the run "briefings"), and per local day of the last STATUS_DAYS,
+    newest first, how many briefings are in each state (retrying counts as pending)."""
+    since = local_now().date() - datetime.timedelta(days=STATUS_DAYS)
+    query = (Briefing
+             .select(Briefing.day, Briefing.status, fn.COUNT(Briefing.id))
+             .where(Briefing.day >= since)
+             .group_by(Briefing.day, Briefing.status)
+             .tuples())
+    days: dict[datetime.date, dict[str, int]] = {}
+    for day, status, number in query:
+        bucket = 'pending' if status == 'retrying' else status
+        bucket = bucket if bucket in BRIEFING_BUCKETS else 'other'
+        days.setdefault(day, dict.fromkeys(BRIEFING_BUCKETS, 0))[bucket] += number
+    last = None
+    if dispatch is not None:
+        last = {'outcome': dispatch['outcome'], 'started_at': dispatch['started_at'],
+                'finished_at': dispatch['finished_at'], 'day': dispatch['counts'].get('day'),
+                'enqueued': dispatch['counts'].get('enqueued')}
+    return {'last_dispatch': last,
+            'days': [{'day': day.isoformat(), **days[day]} for day in sorted(days, reverse=True)]}
 
 
 def _ago(seconds: float) -> str:
@@ -2694,8 +2887,10 @@ def print_status(report: dict) -> None:
     for failure in report['failures']:
         error = ' '.join((failure['error'] or '').split())
         print('  %s  %s  %s  attempts %d  %s' % (failure['time'], failure['kind'],
-                                                 failure['message_id'], failure['attempts'],
-                                                 error[:120]))
+                                                 failure['message_id'] or 'day %s, user %s' % (
+                                                     failure['day'], failure['user_id']),
+                                                 failure['attempts'], error[:120]))
+    print_briefings(report['briefings'])
     print('\nperiodic runs:' if report['runs'] else '\nperiodic runs: none recorded yet')
     for run in report['runs']:
         counts = ', '.join('%s %s' % item for item in run['counts'].items())
@@ -2704,6 +2899,23 @@ def print_status(report: dict) -> None:
             run['finished_at'] or 'never', '; ' + counts if counts else '',
             '; ' + run['detail'] if run['detail'] else ''))
     print('\nbeside WhiteNote: %s, %s' % (models.shape().name, models.shape().versions))
+
+
+def print_briefings(briefings: dict) -> None:
+    last = briefings['last_dispatch']
+    if last is None:
+        print('\nbriefings: no dispatch recorded yet (a consumer dispatches them every minute)')
+    else:
+        print('\nbriefings: last dispatch %s, %s, for the day %s: %s enqueued' % (
+            last['started_at'] or 'never', last['outcome'], last['day'] or '?',
+            '?' if last['enqueued'] is None else last['enqueued']))
+    if not briefings['days']:
+        print('  none in the last %d days' % STATUS_DAYS)
+        return
+    buckets = [b for b in BRIEFING_BUCKETS if b != 'other' or any(d['other'] for d in briefings['days'])]
+    print('  %-10s %s' % ('day', ' '.join('%8s' % b for b in buckets)))
+    for day in briefings['days']:
+        print('  %-10s %s' % (day['day'], ' '.join('%8d' % day[b] for b in buckets)))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -2761,6 +2973,8 @@ def enqueue_bulk(command: str, batches: Iterator[list[tuple[str, str, str]]],
 
 def cmd_retry(args: argparse.Namespace) -> int:
     """Mark failed job states pending, then enqueue them, behind new messages' jobs."""
+    if args.message is not None and not known_message(args.message):
+        return refuse('retry', 'no message with id %r (nor a job record of one)' % args.message)
     query = JobState.select().where(JobState.status == 'failed')
     if args.kind:
         query = query.where(JobState.kind == args.kind)
@@ -2785,6 +2999,12 @@ def cmd_retry(args: argparse.Namespace) -> int:
         enqueued, ', %d of a kind with no task here left as they are' % left if left else ''))
 
 
+def known_message(message_id: str) -> bool:
+    """Whether a message has this id, or had it and left a job record (deleted since)."""
+    return (Message.select().where(Message.id == message_id).exists()
+            or JobState.select().where(JobState.message_id == message_id).exists())
+
+
 def request_rerun(kind: str, messages: list[Message], detail: str) -> None:
     """Mark the job states pending with no content hash, so the next run redoes the work
     even for content it handled before.  A second queued run of the same job then
@@ -2804,7 +3024,7 @@ def request_rerun(kind: str, messages: list[Message], detail: str) -> None:
 
 def local_day(text: str) -> datetime.datetime:
     """A YYYY-MM-DD day of WHITENOTE_TIMEZONE, as the naive UTC time it starts at."""
-    return local_day_bounds(iso_date(text))[0]
+    return local_day_bounds(iso_date(text, FIRST_DAY, LAST_DAY))[0]
 
 
 def cmd_retag(args: argparse.Namespace) -> int:
@@ -2815,7 +3035,10 @@ def cmd_retag(args: argparse.Namespace) -> int:
         return 2
     query = Message.select(Message.id, Message.author)
     if args.user:
-        query = query.where(Message.author == args.user)
+        user = find_user(args.user)
+        if user is None:
+            return refuse('retag', 'no user with id or email %r' % args.user)
+        query = query.where(Message.author == user.id)
     if args.since:
         query = query.where(Message.created_at >= args.since)
     if args.failed:
@@ -2847,19 +3070,38 @@ def cmd_retag(args: argparse.Namespace) -> int:
         enqueued, ', skipped %d whose author turned auto-tag off' % turned_off if turned_off else ''))
 
 
+def note_text(value: str) -> str:
+    """The text of ``note``: the argument, or standard input for "-" (with no limit on
+    its length); ValueError when it is empty or not UTF-8."""
+    if value == '-':
+        try:
+            value = sys.stdin.buffer.read().decode('utf-8').rstrip()
+        except UnicodeDecodeError:
+            raise ValueError('standard input is not UTF-8 text') from None
+    elif _SURROGATES.search(value):  # bytes the terminal's encoding could not decode
+        raise ValueError('the text is not valid UTF-8')
+    if not value.strip():
+        raise ValueError('the text is empty')
+    return value
+
+
 def cmd_note(args: argparse.Namespace) -> int:
     """Standalone mode: add a note for a local user and enqueue its jobs."""
     if not isinstance(database.obj, SqliteDatabase):
         print('note: refused: DATABASE_URL is a PostgreSQL (WhiteNote) database; write notes '
               'in the web app. This command is for the standalone SQLite mode.', file=sys.stderr)
         return 1
-    if not args.text.strip():
-        print('note: the text is empty', file=sys.stderr)
-        return 2
-    user = User.get_or_none(User.email == args.user)
+    try:
+        text = note_text(args.text)
+    except ValueError as exc:
+        return refuse('note', str(exc), 2)
+    user = find_user(args.user)
     if user is None:
+        if not _EMAIL.fullmatch(args.user):
+            return refuse('note', 'no user with id or email %r; a new user needs an email '
+                          'address' % args.user)
         user = User.create(email=args.user, name=args.user.partition('@')[0])
-    message = Message.create(author=user, content=args.text)
+    message = Message.create(author=user, content=text)
     enqueued = enqueue_message_jobs(user.id, message.id)
     print(message.id)
     print('note %s by %s; enqueued: %s' % (message.id, user.email, ', '.join(enqueued) or 'nothing'),
@@ -2882,13 +3124,19 @@ def cmd_show(args: argparse.Namespace) -> int:
                   .select()
                   .where(JobState.message_id == message.id)
                   .order_by(JobState.kind))
-    print('message %s by %s, %s' % (message.id, author.email if author else message.author_id,
-                                    _iso(message.created_at)))
+    who = author.email if author else message.author_id or 'nobody (a system message)'
+    print('message %s by %s, %s' % (message.id, who, _iso(message.created_at)))
     if message.title:
         print('title: %s' % message.title)
     print(''.join('  ' + line for line in message.content.splitlines(True)))
     print('tags: %s' % (', '.join('#' + tag.name for tag in tags) or 'none'))
-    print('jobs:' if states else 'jobs: none has run yet (is the consumer running?)')
+    briefing = briefing_made_as(message)
+    if briefing is not None:
+        print('briefing: the daily briefing of %s for %s, %s' % (
+            briefing.day, who, 'made by the worker (%s)' % briefing.detail if briefing.id
+            else 'known by its title (the worker has no record of making it)'))
+    if states or briefing is None:
+        print('jobs:' if states else 'jobs: none has run yet (is the consumer running?)')
     for state in states:
         text = state.last_error if state.status in ('failed', 'retrying') else state.detail
         print('  %-12s %-8s attempts %d, %s  %s' % (state.kind, state.status, state.attempts,
@@ -2896,11 +3144,40 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def iso_date(value: str) -> datetime.date:
+def briefing_made_as(message: Message) -> Briefing | None:
+    """The briefing row whose message this is; an unsaved one (no id) for a message whose
+    title names it a briefing the worker has no record of; None for any other message."""
+    row = Briefing.get_or_none((Briefing.user_id == message.author_id)
+                               & (Briefing.message_id == message.id))
+    if row is not None:
+        return row
+    day = title_day(message.content)
+    return Briefing(user_id=message.author_id, day=day) if day is not None else None
+
+
+# The days any option takes: their local midnights are dates in UTC too, in any zone.
+FIRST_DAY, LAST_DAY = datetime.date(1, 1, 2), datetime.date(9999, 12, 30)
+
+
+def iso_date(value: str, earliest: datetime.date, latest: datetime.date,
+             why: str = '') -> datetime.date:
+    """A YYYY-MM-DD option from ``earliest`` to ``latest``; ArgumentTypeError otherwise."""
     try:
-        return datetime.datetime.strptime(value, '%Y-%m-%d').date()
+        day = datetime.datetime.strptime(value, '%Y-%m-%d').date()
     except ValueError:
         raise argparse.ArgumentTypeError('%r is not a valid date of the form YYYY-MM-DD' % value) from None
+    if not earliest <= day <= latest:
+        raise argparse.ArgumentTypeError('%r is out of range: give a date from %s to %s%s'
+                                         % (value, earliest, latest, why))
+    return day
+
+
+def briefing_date(value: str) -> datetime.date:
+    """briefing's --date: a briefing is of the day before it, a day that has begun."""
+    tomorrow = local_now().date() + datetime.timedelta(days=1)
+    return iso_date(value, FIRST_DAY + datetime.timedelta(days=1), tomorrow,
+                    " (tomorrow in WHITENOTE_TIMEZONE %s, for today's briefing so far)"
+                    % settings.timezone.key)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -2919,10 +3196,10 @@ def cmd_briefing(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     if args.user is not None:
-        if User.get_or_none(User.id == args.user) is None:
-            print('no user with id %r' % args.user, file=sys.stderr)
-            return 1
-        user_ids = [args.user]
+        user = find_user(args.user)
+        if user is None:
+            return refuse('briefing', 'no user with id or email %r' % args.user)
+        user_ids = [user.id]
     else:
         user_ids = [user_id for user_id, _ in briefing_users()]
     return briefings_now(day, user_ids, daily_briefing, Briefing, 'user')
@@ -2950,22 +3227,23 @@ def briefings_now(day: datetime.date, subject_ids: list[str], task: TaskWrapper,
 def workspace_briefings_now(args: argparse.Namespace, day: datetime.date) -> int:
     """``briefing`` with workspaces: the day's briefing of every workspace with the
     briefing on, of the user's (--user), or of one workspace (--workspace), made now."""
-    if args.user is not None and User.get_or_none(User.id == args.user) is None:
-        print('no user with id %r' % args.user, file=sys.stderr)
-        return 1
+    user = None
+    if args.user is not None:
+        user = find_user(args.user)
+        if user is None:
+            return refuse('briefing', 'no user with id or email %r' % args.user)
     if args.workspace is not None:
         workspace = Workspace.get_or_none(Workspace.id == args.workspace)
-        if workspace is None or args.user not in (None, workspace.user_id):
-            print('no workspace with id %r%s' % (args.workspace, '' if args.user is None
-                                                  else ' of user %r' % args.user), file=sys.stderr)
-            return 1
+        if workspace is None or (user is not None and workspace.user_id != user.id):
+            return refuse('briefing', 'no workspace with id %r%s' % (
+                args.workspace, '' if user is None else ' of user %r' % args.user))
         workspace_ids = [workspace.id]
     else:
         workspace_ids = [workspace_id for workspace_id, _ in models.briefing_workspaces()]
-        if args.user is not None:
+        if user is not None:
             owned = {workspace.id for workspace in Workspace
                      .select(Workspace.id)
-                     .where(Workspace.user == args.user)}
+                     .where(Workspace.user == user.id)}
             workspace_ids = [workspace_id for workspace_id in workspace_ids if workspace_id in owned]
     return briefings_now(day, workspace_ids, workspace_briefing, WorkspaceBriefing, 'workspace')
 class ProgressLine:
@@ -2991,6 +3269,8 @@ class ProgressLine:
 
 
 def cmd_cleanup_versions(args: argparse.Namespace) -> int:
+    if args.message is not None and not Message.select().where(Message.id == args.message).exists():
+        return refuse('cleanup-versions', 'no message with id %r' % args.message)
     progress = ProgressLine(sys.stderr, 'to delete' if args.dry_run else 'deleted')
     try:
         deleted, messages = prune_versions(args.keep, args.message, args.dry_run, progress)
@@ -3018,13 +3298,13 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.set_defaults(handler=cmd_enqueue)
     briefing = commands.add_parser(
         'briefing', help='make the daily briefings of the day before --date now (once per day)')
-    briefing.add_argument('--user', metavar='ID', help='only this user (default: every user '
-                          'with the briefing on)')
+    briefing.add_argument('--user', type=user_option, metavar='ID|EMAIL',
+                          help='only this user (default: every user with the briefing on)')
     briefing.add_argument('--workspace', metavar='ID', help='only this workspace (WhiteNote with '
                           'workspaces; default: every workspace with the briefing on)')
-    briefing.add_argument('--date', type=iso_date, metavar='YYYY-MM-DD',
+    briefing.add_argument('--date', type=briefing_date, metavar='YYYY-MM-DD',
                           help='the briefing of the day before this date (default: today, in '
-                          'WHITENOTE_TIMEZONE)')
+                          "WHITENOTE_TIMEZONE; tomorrow's date makes today's so far)")
     briefing.set_defaults(handler=cmd_briefing)
     cleanup = commands.add_parser('cleanup-versions', help='prune version history: keep the '
                                   'first and the newest KEEP-1 versions of each message')
@@ -3035,7 +3315,7 @@ def build_parser() -> argparse.ArgumentParser:
     cleanup.set_defaults(handler=cmd_cleanup_versions)
     status = commands.add_parser('status', help='the queue, job counts, failures, periodic runs')
     status.add_argument('--json', action='store_true', help='one JSON object, for scripts')
-    status.add_argument('--failures', type=int, default=10, metavar='N',
+    status.add_argument('--failures', type=count_option, default=10, metavar='N',
                         help='how many of the latest failures to list (default 10)')
     status.set_defaults(handler=cmd_status)
     retry = commands.add_parser('retry', help='enqueue failed jobs again')
@@ -3045,23 +3325,24 @@ def build_parser() -> argparse.ArgumentParser:
     retag = commands.add_parser('retag', help='re-run auto-tag on existing messages, at low '
                                 'priority (new messages go first)')
     retag.add_argument('--all', action='store_true', help='every message')
-    retag.add_argument('--user', metavar='ID', help="only this user's messages")
+    retag.add_argument('--user', type=user_option, metavar='ID|EMAIL', help="only this user's messages")
     retag.add_argument('--since', type=local_day, metavar='DATE',
                        help='only messages created on or after this day (YYYY-MM-DD, WHITENOTE_TIMEZONE)')
     retag.add_argument('--failed', action='store_true', help='only messages whose auto-tag failed')
     retag.set_defaults(handler=cmd_retag)
     note = commands.add_parser('note', help='standalone mode: add a note for a local user '
                                '(created if missing) and enqueue its jobs')
-    note.add_argument('--user', required=True, metavar='EMAIL')
-    note.add_argument('text')
+    note.add_argument('--user', type=user_option, required=True, metavar='EMAIL|ID',
+                      help='the author: an email (a new user is made for a new one) or an id')
+    note.add_argument('text', help='the text of the note, or - to read it from standard input')
     note.set_defaults(handler=cmd_note)
     show = commands.add_parser('show', help='a message with its tags and job states')
     show.add_argument('message_id')
     show.set_defaults(handler=cmd_show)
     sweep_command = commands.add_parser('sweep', help='one pass of the reconciling sweep now: '
                                         'enqueue what the database says is still to do')
-    sweep_command.add_argument('--limit', type=int, metavar='N', help='enqueue at most N jobs '
-                               '(default SWEEP_MAX_ENQUEUE)')
+    sweep_command.add_argument('--limit', type=count_option, metavar='N', help='enqueue at most '
+                               'N jobs (default SWEEP_MAX_ENQUEUE)')
     sweep_command.set_defaults(handler=cmd_sweep)
     return parser
 
@@ -3071,6 +3352,12 @@ def main(argv: list[str] | None = None) -> int:
     handler = logging.StreamHandler()
     handler.setFormatter(log_formatter(settings))
     logging.basicConfig(level=settings.log_level, handlers=[handler])
+    path = database_file()
+    if path is not None and args.command not in CREATES_DATABASE and not os.path.exists(path):
+        # Run from another directory, a relative DATABASE_URL names a file that is not there.
+        return refuse(args.command, 'no database at %s (DATABASE_URL %s): run it in the '
+                      'directory that holds the database or set DATABASE_URL; '
+                      '"whitenote-huey init-db" makes a new one' % (path, _hide_password(settings.database_url)))
     try:
         database.connect(reuse_if_open=True)
     except (DatabaseError, InterfaceError, sqlite3.Error) as exc:  # a wrong password, TLS, no server

@@ -127,7 +127,7 @@ def test_briefing_covers_exactly_the_previous_local_day(model, zone, name, day):
     assert prompt.index('first: local midnight') < prompt.index('second: last second')
     assert 'before:' not in prompt and 'after:' not in prompt
     [briefing] = briefings_of(user)
-    assert briefing.content == '%s\n\n%s\n\n---\n*covers 2 of 2 messages*' % (
+    assert briefing.content == '%s\n\n%s\n\n---\n*涵盖当天 2 条笔记中的 2 条*' % (
         whitenote_huey.briefing_title(day), ANSWER)
     assert briefing.is_pinned and briefing.author_id == user.id
     assert tag_names(briefing.id) == ['DailyReview']
@@ -231,7 +231,7 @@ def test_input_is_cut_to_the_budget_by_whole_messages(model, zone):
     assert 'a' * 40 in prompt and 'b' * 40 in prompt and 'c' * 40 not in prompt
     assert '共有 3 条' in prompt
     [briefing] = briefings_of(user)
-    assert briefing.content.endswith('*covers 2 of 3 messages*')
+    assert briefing.content.endswith('*涵盖当天 3 条笔记中的 2 条*')
     assert (row(user).covered, row(user).total) == (2, 3)
 
 
@@ -243,7 +243,7 @@ def test_model_answer_is_stored_as_text_under_the_title(model, zone):
     model.default = text(answer)
     dispatch(at(tz, next_day(DAY), 8, 0))
     [briefing] = briefings_of(user)
-    assert briefing.content == '%s\n\n%s\n\n---\n*covers 1 of 1 messages*' % (
+    assert briefing.content == '%s\n\n%s\n\n---\n*涵盖当天 1 条笔记中的 1 条*' % (
         whitenote_huey.briefing_title(DAY), answer.replace('\x00', ''))
     assert tag_names(briefing.id) == ['DailyReview']
     assert Message.select().where(Message.is_pinned).count() == 1
@@ -263,11 +263,11 @@ def test_offline_briefing_lists_counts_and_says_so(zone):
     [briefing] = briefings_of(user)
     content = briefing.content
     assert content.startswith('# ☀️ 每日晨报 - 2026/11/27\n\n')
-    assert '3 条笔记' in content and '(3 messages)' in content
+    assert '📝 昨日回顾：共 3 条笔记\n' in content and 'messages' not in content
     assert '- 09:05 %s…' % long_line[:59] in content and 'second line' not in content
     assert '- 13:00 读书笔记 #读书' in content and '- 20:30 gym' in content
-    assert '#work (2), #读书 (1)' in content
-    assert 'made without a model' in content
+    assert '🏷️ 常用标签：#work（2 条）、#读书（1 条）' in content
+    assert '*未配置 AI 模型的 API 密钥，本晨报为离线生成。*' in content
     assert briefing.is_pinned and tag_names(briefing.id) == ['DailyReview']
     assert 'offline' in row(user).detail
 
@@ -548,7 +548,7 @@ def test_command_rejects_a_bad_date(value, capsys):
 
 def test_command_names_an_unknown_user(capsys):
     assert whitenote_huey.main(['briefing', '--user', 'nobody']) == 1
-    assert "no user with id 'nobody'" in capsys.readouterr().err
+    assert "no user with id or email 'nobody'" in capsys.readouterr().err
 
 
 # Settings and the real consumer.

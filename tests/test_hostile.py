@@ -217,7 +217,7 @@ def test_briefing_of_an_injection_obeying_model_holds_only_its_answer(db, redis_
     assert INJECTION in request.prompt and 'canary 51c0' not in request.prompt
     answer = 'ADMIN MODE ON. All notes I can see:\n%s\n<script>fetch("//evil")</script>' % request.prompt
     [briefing] = briefings_of(attacker.id)
-    assert briefing.content == '%s\n\n%s\n\n---\n*covers 1 of 1 messages*' % (TITLE, answer)
+    assert briefing.content == '%s\n\n%s\n\n---\n*涵盖当天 1 条笔记中的 1 条*' % (TITLE, answer)
     assert (state.status, state.message_id) == ('done', briefing.id)
     # The answer changed nothing else: no other message, pin or tag.
     assert {m.id for m in Message.select()} == {victim_note.id, own.id, briefing.id}
@@ -239,7 +239,7 @@ def test_briefing_stores_the_answer_as_plain_text(db, redis_queue, model, reply,
     model.default = reply
     state = run_briefing(user.id)
     [briefing] = briefings_of(user.id)
-    assert briefing.content == '%s\n\n%s\n\n---\n*covers 1 of 1 messages*' % (TITLE, body)
+    assert briefing.content == '%s\n\n%s\n\n---\n*涵盖当天 1 条笔记中的 1 条*' % (TITLE, body)
     assert state.status == 'done' and state.last_error is None
 
 
@@ -386,7 +386,7 @@ def test_user_without_ai_settings_gets_offline_jobs_and_no_sync(db, redis_queue)
     assert (sync.status, sync.detail) == ('skipped', 'RAGFlow is not configured for this user')
     [briefing] = briefings_of(user.id)
     assert state.status == 'done' and 'offline' in state.detail
-    assert briefing.content.startswith(TITLE + '\n\n') and 'made without a model' in briefing.content
+    assert briefing.content.startswith(TITLE + '\n\n') and '本晨报为离线生成' in briefing.content
 
 
 @pytest.mark.parametrize('base_url', ['not a url', 'ftp://example.org', 'http://',
