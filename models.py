@@ -1,10 +1,14 @@
 """Peewee models: WhiteNote's tables, mapped exactly, and the worker's own state.
 
 The web app (Prisma on PostgreSQL) owns "User", "AiConfig", "Message", "Tag",
-"MessageTag" and "MessageVersion": quoted PascalCase tables, camelCase columns,
-text ids, naive UTC timestamps.  The worker reads and writes their rows but never
-changes their shape; its own state lives in tables prefixed ``whitenote_huey_``.
+"MessageTag" and "MessageVersion" (and, since workspaces, "Workspace", "Comment" and
+"CommentTag"): quoted PascalCase tables, camelCase columns, text ids, naive UTC
+timestamps.  The worker reads and writes their rows but never changes their shape;
+its own state lives in tables prefixed ``whitenote_huey_``.  Which WhiteNote the
+database belongs to (its Shape) is read from its own columns; the statements that
+differ between shapes are here, beside the models.
 """
+import dataclasses
 import datetime
 import functools
 import json
@@ -12,6 +16,7 @@ import os
 import secrets
 import threading
 import time
+import typing
 
 from peewee import BooleanField
 from peewee import CompositeKey
@@ -22,6 +27,7 @@ from peewee import DateTimeField
 from peewee import ForeignKeyField
 from peewee import IntegerField
 from peewee import Model
+from peewee import PostgresqlDatabase
 from peewee import TextField
 
 database = DatabaseProxy()
@@ -108,6 +114,98 @@ def update_sql(table: str, columns: tuple[str, ...], where: tuple[str, ...], par
         ' AND '.join('"%s" = %s' % (name, param) for name in where))
 
 
+# Which WhiteNote: the shapes of its schema the worker knows, told apart by their columns.
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One WhiteNote schema: its name, the upstream versions that have it, and the
+    columns the worker reads or writes there (table to column names).
+
+    ``workspaces``: notes live in workspaces, which hold the auto-tag and briefing
+    switches and the RAGFlow dataset; comments carry tags; a message may have no
+    author (a system message, such as the briefing).
+    """
+    name: str
+    versions: str
+    workspaces: bool
+    columns: dict[str, frozenset[str]]
+
+    def missing(self, found: dict[str, set[str]]) -> list[str]:
+        """The "Table.column" names this shape needs and ``found`` lacks."""
+        return ['%s.%s' % (table, column)
+                for table, columns in self.columns.items()
+                for column in sorted(columns - found.get(table, set()))]
+
+
+def _columns(**tables: str) -> dict[str, frozenset[str]]:
+    return {table: frozenset(names.split()) for table, names in tables.items()}
+
+
+_SHARED_COLUMNS = dict(
+    User='id email',
+    Tag='id name color createdAt',
+    MessageTag='messageId tagId',
+    MessageVersion='id content createdAt messageId',
+)
+STAGE7 = Shape('stage7', 'per-user switches in AiConfig (WhiteNote 1e0bd2b to 54b7f7d^)', False, _columns(
+    **_SHARED_COLUMNS,
+    Message='id title content createdAt updatedAt isStarred isPinned authorId',
+    AiConfig='id userId openaiBaseUrl openaiApiKey ragflowBaseUrl ragflowApiKey ragflowDatasetId '
+             'enableAutoTag autoTagModel enableBriefing briefingModel briefingTime aiPersonality '
+             'aiExpertise',
+))
+WORKSPACES = Shape('workspaces', 'workspaces, comments and system messages (WhiteNote 54b7f7d to c39d8d0)',
+                   True, _columns(
+    **_SHARED_COLUMNS,
+    Message='id title content createdAt updatedAt isStarred isPinned authorId workspaceId',
+    AiConfig='id userId openaiBaseUrl openaiApiKey ragflowBaseUrl ragflowApiKey autoTagModel '
+             'briefingModel briefingTime aiPersonality aiExpertise',
+    Workspace='id name isDefault userId enableAutoTag enableBriefing ragflowDatasetId createdAt',
+    Comment='id content createdAt messageId authorId',
+    CommentTag='commentId tagId',
+))
+SHAPES = (WORKSPACES, STAGE7)  # the first whose columns are all there is the one
+
+
+class UnknownShape(Exception):
+    """The database is not a WhiteNote this worker knows; the message names what is missing."""
+
+
+def database_columns() -> dict[str, set[str]]:
+    """The web app's tables and their columns, as the database itself reports them."""
+    if isinstance(database.obj, PostgresqlDatabase):
+        rows = database.execute_sql(
+            'SELECT "table_name", "column_name" FROM "information_schema"."columns" '
+            'WHERE "table_schema" = current_schema()').fetchall()
+    else:
+        rows = database.execute_sql(
+            "SELECT m.name, p.name FROM sqlite_master AS m, pragma_table_info(m.name) AS p "
+            "WHERE m.type = 'table'").fetchall()
+    found: dict[str, set[str]] = {}
+    for table, column in rows:
+        found.setdefault(table, set()).add(column)
+    return found
+
+
+def detect_shape() -> Shape:
+    """Read the database's columns and decide which WhiteNote it is (kept for its
+    connection's lifetime, see shape()); UnknownShape names what the nearest lacks."""
+    found = database_columns()
+    for candidate in SHAPES:
+        if not candidate.missing(found):
+            database.obj.whitenote_shape = candidate
+            return candidate
+    nearest = min(SHAPES, key=lambda candidate: len(candidate.missing(found)))
+    raise UnknownShape('the database is not a WhiteNote this worker knows: nearest is %s (%s), '
+                       'which needs %s' % (nearest.name, nearest.versions,
+                                           ', '.join(nearest.missing(found))))
+
+
+def shape() -> Shape:
+    """The shape of the bound database: found at start, or on first use."""
+    return getattr(database.obj, 'whitenote_shape', None) or detect_shape()
+
+
 # WhiteNote's tables.
 
 class User(BaseModel):
@@ -175,8 +273,10 @@ class Message(BaseModel):
     updated_at = DateTimeField(column_name='updatedAt', default=utcnow)
     is_starred = BooleanField(column_name='isStarred', default=False)
     is_pinned = BooleanField(column_name='isPinned', default=False)
+    # Null for a system message (workspaces); "workspaceId" is read by the SQL of that shape.
     author = ForeignKeyField(User, column_name='authorId', object_id_name='author_id',
                              on_delete='CASCADE')
+    # The first shape only: a query of every column of "Message" runs on that shape alone.
     parent = ForeignKeyField('self', column_name='parentId', object_id_name='parent_id', null=True,
                              on_delete='SET NULL')
 
@@ -184,17 +284,24 @@ class Message(BaseModel):
         table_name = 'Message'
 
     @classmethod
-    def add(cls, message_id: str, author_id: str, content: str, pinned: bool,
-            now: datetime.datetime) -> None:
-        """Insert a message the worker writes (a briefing), as the web app would."""
-        database.execute_sql(sql(
-            'INSERT INTO "Message" ("id", "content", "createdAt", "updatedAt", "isStarred", '
-            '"isPinned", "authorId") VALUES (?, ?, ?, ?, ?, ?, ?)'),
-            (message_id, content, now, now, False, pinned, author_id))
+    def add(cls, message_id: str, author_id: str | None, content: str, pinned: bool,
+            now: datetime.datetime, workspace_id: str | None = None) -> None:
+        """Insert a message the worker writes (a briefing), as the web app would; with
+        ``workspace_id`` (workspaces only) in that workspace."""
+        columns = ['id', 'content', 'createdAt', 'updatedAt', 'isStarred', 'isPinned', 'authorId']
+        values = [message_id, content, now, now, False, pinned, author_id]
+        if workspace_id is not None:
+            columns.append('workspaceId')
+            values.append(workspace_id)
+        database.execute_sql(sql('INSERT INTO "Message" (%s) VALUES (%s)' % (
+            ', '.join('"%s"' % name for name in columns), placeholders(len(columns)))), values)
 
     @classmethod
-    def content_of(cls, message_id: str) -> 'Message | None':
-        """The message's id, author and content, what a job reads; None once it is gone."""
+    def content_of(cls, message_id: str) -> 'Message | Content | None':
+        """The message's id, author and content, what a job reads; None once it is gone.
+        With workspaces, a Content, which also says where it belongs."""
+        if shape().workspaces:
+            return content_of('message', message_id)
         for message in cls.raw(sql('SELECT "id", "authorId", "content" FROM "Message" '
                                    'WHERE "id" = ?'), message_id):
             return message
@@ -267,32 +374,51 @@ class Tag(BaseModel):
         return [name for name, in cursor.fetchall()]
 
 
-class MessageTag(BaseModel):
+class TagLinks(BaseModel):
+    """What "MessageTag" and "CommentTag" share: each row puts a tag on one message, or
+    on one comment; ``content_column`` names that column."""
+    content_column = ''
+
+    @classmethod
+    def content_field(cls) -> ForeignKeyField:
+        return cls._meta.columns[cls.content_column]
+
+    @classmethod
+    def links_of(cls, content_id: str) -> dict[str, str]:
+        """The tags on one message (or comment): tag id to tag name."""
+        cursor = database.execute_sql(sql(
+            'SELECT "Tag"."id", "Tag"."name" FROM "{0}" '
+            'JOIN "Tag" ON "Tag"."id" = "{0}"."tagId" '
+            'WHERE "{0}"."{1}" = ?'.format(cls._meta.table_name, cls.content_column)), (content_id,))
+        return dict(cursor.fetchall())
+
+    @classmethod
+    def link(cls, content_id: str, tag_ids: list[str]) -> None:
+        """Put these tags on it; links it has already stay as they are."""
+        if tag_ids:
+            database.execute_sql(sql(
+                'INSERT INTO "%s" ("%s", "tagId") VALUES %s ON CONFLICT DO NOTHING'
+                % (cls._meta.table_name, cls.content_column, ', '.join(['(?, ?)'] * len(tag_ids)))),
+                [value for tag_id in tag_ids for value in (content_id, tag_id)])
+
+    @classmethod
+    def unlink(cls, content_id: str, tag_ids: list[str]) -> None:
+        """Take these tags off it."""
+        (cls
+         .delete()
+         .where((cls.content_field() == content_id) & cls.tag.in_(tag_ids))
+         .execute())
+
+
+class MessageTag(TagLinks):
     message = ForeignKeyField(Message, column_name='messageId', object_id_name='message_id',
                               on_delete='CASCADE')
     tag = ForeignKeyField(Tag, column_name='tagId', object_id_name='tag_id', on_delete='CASCADE')
+    content_column = 'messageId'
 
     class Meta:
         table_name = 'MessageTag'
         primary_key = CompositeKey('message', 'tag')
-
-    @classmethod
-    def links_of(cls, message_id: str) -> dict[str, str]:
-        """The tags on one message: tag id to tag name."""
-        cursor = database.execute_sql(sql(
-            'SELECT "Tag"."id", "Tag"."name" FROM "MessageTag" '
-            'JOIN "Tag" ON "Tag"."id" = "MessageTag"."tagId" '
-            'WHERE "MessageTag"."messageId" = ?'), (message_id,))
-        return dict(cursor.fetchall())
-
-    @classmethod
-    def link(cls, message_id: str, tag_ids: list[str]) -> None:
-        """Put these tags on the message; links it has already stay as they are."""
-        if tag_ids:
-            database.execute_sql(sql(
-                'INSERT INTO "MessageTag" ("messageId", "tagId") VALUES %s ON CONFLICT DO NOTHING'
-                % ', '.join(['(?, ?)'] * len(tag_ids))),
-                [value for tag_id in tag_ids for value in (message_id, tag_id)])
 
 
 class MessageVersion(BaseModel):
@@ -304,6 +430,143 @@ class MessageVersion(BaseModel):
 
     class Meta:
         table_name = 'MessageVersion'
+
+
+# The tables of the workspaces shape (never created by the worker).
+
+class Workspace(BaseModel):
+    id = TextField(primary_key=True, default=new_id)
+    name = TextField()
+    is_default = BooleanField(column_name='isDefault', default=False)
+    ragflow_dataset_id = TextField(column_name='ragflowDatasetId', null=True)
+    enable_auto_tag = BooleanField(column_name='enableAutoTag', default=True)
+    enable_briefing = BooleanField(column_name='enableBriefing', default=True)
+    user = ForeignKeyField(User, column_name='userId', object_id_name='user_id', on_delete='CASCADE')
+    created_at = DateTimeField(column_name='createdAt', default=utcnow)
+    updated_at = DateTimeField(column_name='updatedAt', default=utcnow)
+
+    class Meta:
+        table_name = 'Workspace'
+
+
+class Comment(BaseModel):
+    id = TextField(primary_key=True, default=new_id)
+    content = TextField()
+    created_at = DateTimeField(column_name='createdAt', default=utcnow)
+    updated_at = DateTimeField(column_name='updatedAt', default=utcnow)
+    is_ai_bot = BooleanField(column_name='isAIBot', default=False)
+    message = ForeignKeyField(Message, column_name='messageId', object_id_name='message_id',
+                              on_delete='CASCADE')
+    author = ForeignKeyField(User, column_name='authorId', object_id_name='author_id', null=True)
+
+    class Meta:
+        table_name = 'Comment'
+
+
+class CommentTag(TagLinks):
+    comment = ForeignKeyField(Comment, column_name='commentId', object_id_name='comment_id',
+                              on_delete='CASCADE')
+    tag = ForeignKeyField(Tag, column_name='tagId', object_id_name='tag_id', on_delete='CASCADE')
+    content_column = 'commentId'
+
+    class Meta:
+        table_name = 'CommentTag'
+        primary_key = CompositeKey('comment', 'tag')
+
+
+class Content(typing.NamedTuple):
+    """A message or comment as a job of the workspaces shape reads it, with where it belongs.
+
+    Its workspace is its message's own, else the default one (``isDefault``) of that
+    message's author, as the web app's routes decide.  ``owner_id``: the workspace's
+    owner, whose AiConfig holds the RAGFlow key and URL.  ``tagger_id``: whose model and
+    tags tag it; None for a system message (no author), which is never tagged; a
+    comment with no author (the AI bot's) is tagged for its message's author.
+    """
+    id: str
+    author_id: str | None
+    content: str
+    workspace_id: str | None
+    owner_id: str | None
+    tagger_id: str | None
+    auto_tag: bool
+    dataset_id: str | None
+
+
+_WORKSPACE_OF_MESSAGE = (
+    'LEFT JOIN "Workspace" AS w ON w."id" = COALESCE(m."workspaceId", '
+    '(SELECT d."id" FROM "Workspace" AS d WHERE d."userId" = m."authorId" AND d."isDefault" '
+    'ORDER BY d."createdAt", d."id" LIMIT 1)) ')
+_PLACE = 'w."id", w."userId", %s, w."enableAutoTag", w."ragflowDatasetId" '
+CONTENT_SQL = {
+    'message': ('SELECT m."id", m."authorId", m."content", ' + _PLACE % 'm."authorId"'
+                + 'FROM "Message" AS m ' + _WORKSPACE_OF_MESSAGE + 'WHERE m."id" IN (%s)'),
+    'comment': ('SELECT c."id", c."authorId", c."content", '
+                + _PLACE % 'COALESCE(c."authorId", m."authorId", w."userId")'
+                + 'FROM "Comment" AS c JOIN "Message" AS m ON m."id" = c."messageId" '
+                + _WORKSPACE_OF_MESSAGE + 'WHERE c."id" IN (%s)'),
+}
+
+
+def contents(kind: str, ids: list[str]) -> dict[str, Content]:
+    """These messages (``kind`` "message") or comments, with where they belong, by id: one
+    query (workspaces shape)."""
+    if not ids:
+        return {}
+    cursor = database.execute_sql(sql(CONTENT_SQL[kind] % placeholders(len(ids))), list(ids))
+    return {row[0]: Content(*row[:6], bool(row[6]), row[7]) for row in cursor.fetchall()}
+
+
+def content_of(kind: str, content_id: str) -> Content | None:
+    return contents(kind, [content_id]).get(content_id)
+
+
+# The workspaces shape's briefings: one per workspace and day, a system message in it.
+
+# The ids of the briefing messages the worker made for the workspace (one parameter), in SQL.
+MADE_WORKSPACE_BRIEFING_IDS = ('(SELECT "message_id" FROM "whitenote_huey_workspace_briefing" '
+                               'WHERE "workspace_id" = ? AND "message_id" IS NOT NULL)')
+# The workspace's messages (three parameters: its id, its owner, whether it is the
+# owner's default, which also holds the owner's messages in no workspace).
+_IN_WORKSPACE = '("workspaceId" = ? OR ("workspaceId" IS NULL AND "authorId" = ? AND ?))'
+
+
+def briefing_workspaces() -> list[tuple[str, str | None]]:
+    """(workspace id, its owner's briefingTime) of the workspaces with the briefing on;
+    an owner with no AiConfig row has the default time (None)."""
+    return database.execute_sql(
+        'SELECT w."id", a."briefingTime" FROM "Workspace" AS w '
+        'LEFT JOIN "AiConfig" AS a ON a."userId" = w."userId" '
+        'WHERE w."enableBriefing" '
+        'ORDER BY w."id"').fetchall()
+
+
+def workspace_day(workspace: Workspace, title: str, any_title: str, start: datetime.datetime,
+                  end: datetime.datetime) -> list[Message]:
+    """In one query: the workspace's messages that start with ``title`` (a briefing of
+    the day, made already), and those created in [start, end), oldest first, but
+    briefings (starting with ``any_title``, or made by the worker)."""
+    return list(Message.raw(sql(
+        'SELECT "id", "content", "createdAt" FROM "Message" '
+        'WHERE ' + _IN_WORKSPACE + ' '
+        'AND ("content" LIKE ? ESCAPE \'\\\' '
+        'OR ("createdAt" >= ? AND "createdAt" < ? '
+        'AND "content" NOT LIKE ? ESCAPE \'\\\' '
+        'AND "id" NOT IN ' + MADE_WORKSPACE_BRIEFING_IDS + ')) '
+        'ORDER BY "createdAt", "id"'),
+        workspace.id, workspace.user_id, workspace.is_default, like_prefix(title), start, end,
+        like_prefix(any_title), workspace.id))
+
+
+def pinned_workspace_briefings(workspace_id: str, any_title: str) -> list[tuple[str, str]]:
+    """(id, content) of the workspace's pinned briefings: system messages in it that start
+    with ``any_title`` or that the worker made."""
+    return database.execute_sql(sql(
+        'SELECT "id", "content" FROM "Message" '
+        'WHERE "workspaceId" = ? AND "authorId" IS NULL AND "isPinned" '
+        'AND ("content" LIKE ? ESCAPE \'\\\' '
+        'OR "id" IN ' + MADE_WORKSPACE_BRIEFING_IDS + ')'),
+        (workspace_id, like_prefix(any_title), workspace_id)).fetchall()
 
 
 WEBAPP_MODELS = (User, Message, Tag, MessageTag, MessageVersion, AiConfig)
@@ -499,6 +762,8 @@ class Briefing(BaseModel):
     only while it still owns the row.  A claim whose lease ran out can be taken over,
     and the run that lost it can no longer write.  ``lost_runs`` counts the runs that
     died holding the day (their lease ran out) since an outcome was last recorded.
+    ``subject`` names the column whose briefing it is (a user's here, a workspace's in
+    WorkspaceBriefing).
     """
     user_id = TextField()
     day = DateField()
@@ -514,47 +779,62 @@ class Briefing(BaseModel):
     created_at = DateTimeField(default=utcnow)
     updated_at = DateTimeField(default=utcnow)
     lost_runs = IntegerField(default=0)
+    subject = 'user_id'
 
     class Meta:
         table_name = 'whitenote_huey_briefing'
         indexes = ((('user_id', 'day'), True),)
 
     @classmethod
-    def lookup(cls, user_id: str, day: datetime.date) -> 'Briefing':
-        """The row for this user and day, or a new unsaved one: one read, no write."""
-        for row in cls.raw(sql('SELECT * FROM "whitenote_huey_briefing" '
-                               'WHERE "user_id" = ? AND "day" = ?'), user_id, day):
+    def lookup(cls, subject_id: str, day: datetime.date) -> 'Briefing':
+        """The row for this user (or workspace) and day, or a new unsaved one: one read, no write."""
+        for row in cls.raw(sql('SELECT * FROM "%s" WHERE "%s" = ? AND "day" = ?'
+                               % (cls._meta.table_name, cls.subject)), subject_id, day):
             return row
-        return cls(user_id=user_id, day=day)
+        return cls(**{cls.subject: subject_id, 'day': day})
 
     @classmethod
-    def claim(cls, user_id: str, day: datetime.date, owner: str, statuses: tuple[str, ...],
+    def claim(cls, subject_id: str, day: datetime.date, owner: str, statuses: tuple[str, ...],
               now: datetime.datetime, lease_until: datetime.datetime) -> bool:
         """Take the day for ``owner`` if its row is missing, in one of ``statuses``, or
         running under a lease that ran out (counted in ``lost_runs``).  One atomic
         statement: of two runs at once, one proceeds."""
         cursor = database.execute_sql(sql(
-            'INSERT INTO "whitenote_huey_briefing" ("user_id", "day", "status", "owner", '
+            'INSERT INTO "{0}" ("{1}", "day", "status", "owner", '
             '"attempts", "lost_runs", "lease_until", "created_at", "updated_at") '
             "VALUES (?, ?, 'running', ?, 1, 0, ?, ?, ?) "
-            'ON CONFLICT ("user_id", "day") DO UPDATE SET '
+            'ON CONFLICT ("{1}", "day") DO UPDATE SET '
             '"status" = excluded."status", "owner" = excluded."owner", '
-            '"attempts" = "whitenote_huey_briefing"."attempts" + 1, '
-            '"lost_runs" = CASE WHEN "whitenote_huey_briefing"."status" = \'running\' '
-            'THEN "whitenote_huey_briefing"."lost_runs" + 1 ELSE "whitenote_huey_briefing"."lost_runs" END, '
+            '"attempts" = "{0}"."attempts" + 1, '
+            '"lost_runs" = CASE WHEN "{0}"."status" = \'running\' '
+            'THEN "{0}"."lost_runs" + 1 ELSE "{0}"."lost_runs" END, '
             '"lease_until" = excluded."lease_until", "updated_at" = excluded."updated_at" '
-            'WHERE "whitenote_huey_briefing"."status" IN (%s) '
-            'OR ("whitenote_huey_briefing"."status" = \'running\' '
-            'AND "whitenote_huey_briefing"."lease_until" < ?)' % placeholders(len(statuses))),
-            (user_id, day, owner, lease_until, now, now, *statuses, now))
+            'WHERE "{0}"."status" IN ({2}) '
+            'OR ("{0}"."status" = \'running\' '
+            'AND "{0}"."lease_until" < ?)'.format(cls._meta.table_name, cls.subject,
+                                                  placeholders(len(statuses)))),
+            (subject_id, day, owner, lease_until, now, now, *statuses, now))
         return cursor.rowcount == 1
 
     @classmethod
-    def write(cls, user_id: str, day: datetime.date, owner: str, **fields) -> int:
+    def write(cls, subject_id: str, day: datetime.date, owner: str, **fields) -> int:
         """Set these columns of the day's row while ``owner`` holds it; 0 once it does not."""
-        statement = update_sql(cls._meta.table_name, tuple(fields), ('user_id', 'day', 'owner'),
+        statement = update_sql(cls._meta.table_name, tuple(fields), (cls.subject, 'day', 'owner'),
                                database.param)
-        return database.execute_sql(statement, (*fields.values(), user_id, day, owner)).rowcount
+        return database.execute_sql(statement, (*fields.values(), subject_id, day, owner)).rowcount
+
+
+class WorkspaceBriefing(Briefing):
+    """One workspace's daily briefing for one local day (workspaces shape), decided by
+    its unique (workspace_id, day) row as Briefing's is; ``user_id`` is the workspace's
+    owner, written once the run has read the workspace."""
+    workspace_id = TextField()
+    user_id = TextField(null=True)
+    subject = 'workspace_id'
+
+    class Meta:
+        table_name = 'whitenote_huey_workspace_briefing'
+        indexes = ((('workspace_id', 'day'), True),)
 
 
 class WorkerRun(BaseModel):
@@ -583,7 +863,7 @@ class SweepCursor(BaseModel):
         table_name = 'whitenote_huey_sweep'
 
 
-WORKER_MODELS = (JobState, Briefing, WorkerRun, SweepCursor)
+WORKER_MODELS = (JobState, Briefing, WorkspaceBriefing, WorkerRun, SweepCursor)
 
 # Columns added to the worker's tables after they were first made: (model, column, type).
 ADDED_COLUMNS = ((JobState, 'owner', 'TEXT'),
@@ -627,4 +907,9 @@ def create_tables() -> list[str]:
             if not database.table_exists(model._meta.table_name):
                 created.append(model._meta.table_name)
         database.create_tables(WORKER_MODELS, safe=True)
-    return created + add_missing_columns()
+    added = add_missing_columns()
+    try:
+        detect_shape()  # what the tables now make, known before the first job asks
+    except UnknownShape:
+        pass  # said at start (check_database_at_start, the command line), and by shape()
+    return created + added

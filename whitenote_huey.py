@@ -72,14 +72,19 @@ from redis import RedisError
 import models
 from models import AiConfig
 from models import Briefing
+from models import Comment
+from models import CommentTag
 from models import JobState
 from models import Message
 from models import MessageTag
 from models import MessageVersion
 from models import SweepCursor
 from models import Tag
+from models import TagLinks
 from models import User
 from models import WorkerRun
+from models import Workspace
+from models import WorkspaceBriefing
 from models import database
 from models import like_prefix
 from models import new_id
@@ -509,6 +514,7 @@ class ConsumerLogging:
             self.serializer.load_key()  # an unusable key stops the start, not the first job
         except SettingsError as exc:
             raise SystemExit('whitenote-huey: bad setting: %s' % exc) from None
+        check_database_at_start()
         return super().create_consumer(**options)
 
 
@@ -1717,18 +1723,21 @@ def offline_tags(content: str, known_tags: list[str]) -> list[str]:
     return validate_tags(found)
 
 
-def message_tag_names(message_id: str) -> list[str]:
-    """The names of the tags on one message, in a stable order (ignoring case first)."""
-    return tag_names_of([message_id]).get(message_id, [])
+def message_tag_names(message_id: str, links: type[TagLinks] = MessageTag) -> list[str]:
+    """The names of the tags on one message (or comment, with CommentTag), in a stable
+    order (ignoring case first)."""
+    return tag_names_of([message_id], links=links).get(message_id, [])
 
 
-def tag_names_of(message_ids: list[str], span: tuple[str, str] | None = None) -> dict[str, list[str]]:
-    """The tag names of each of these messages that has tags, in one query (or those of
-    the messages whose ids are in ``span``, a range of the primary key)."""
+def tag_names_of(message_ids: list[str], span: tuple[str, str] | None = None,
+                 links: type[TagLinks] = MessageTag) -> dict[str, list[str]]:
+    """The tag names of each of these messages (or comments) that has tags, in one query
+    (or those of the ones whose ids are in ``span``, a range of the primary key)."""
+    content = links.content_field()
     query = (Tag
-             .select(MessageTag.message, Tag.name)
-             .join(MessageTag)
-             .where(MessageTag.message.between(*span) if span else MessageTag.message.in_(message_ids))
+             .select(content, Tag.name)
+             .join(links)
+             .where(content.between(*span) if span else content.in_(message_ids))
              .tuples())
     names: dict[str, list[str]] = {}
     for message_id, name in query:
@@ -1752,25 +1761,23 @@ def tag_prompt(content: str, known_tags: list[str]) -> list[dict]:
             {'role': 'user', 'content': content[:TAG_PROMPT_CHARS]}]
 
 
-def apply_auto_tags(message_id: str, state: JobState,
-                    names: list[str]) -> tuple[set[str], set[str], list[str]]:
-    """Link the tags; drop those auto-tag added before and no longer wants.
+def apply_auto_tags(message_id: str, state: JobState, names: list[str],
+                    links: type[TagLinks] = MessageTag) -> tuple[set[str], set[str], list[str]]:
+    """Link the tags (to a comment, with CommentTag); drop those auto-tag added before
+    and no longer wants.
 
     Tags the user attached stay untouched.  Returns the message's tag names before and
     after, and the ids auto-tag now owns.  Run it in the transaction that records
     those, so links and record never part.
     """
-    linked = MessageTag.links_of(message_id)
+    linked = links.links_of(message_id)
     previously_added = set(state.added_tag_ids)
     user_linked = linked.keys() - previously_added
     wanted = {tag.id: tag.name for tag in Tag.upsert_all(names)}
     stale = previously_added - wanted.keys()
     if stale & linked.keys():
-        (MessageTag
-         .delete()
-         .where((MessageTag.message == message_id) & (MessageTag.tag.in_(list(stale))))
-         .execute())
-    MessageTag.link(message_id, [tag_id for tag_id in wanted if tag_id not in linked])
+        links.unlink(message_id, list(stale))
+    links.link(message_id, [tag_id for tag_id in wanted if tag_id not in linked])
     after = {tag_id: name for tag_id, name in linked.items() if tag_id not in stale}
     after.update(wanted)
     return (set(linked.values()), set(after.values()),
@@ -1791,26 +1798,32 @@ class RagflowSettings:
     public_host: str | None = None  # under WHITENOTE_URL_POLICY=public: a user's URL's host
 
 
-def ragflow_settings(config: AiConfig, check: bool = True) -> RagflowSettings | None:
+def ragflow_settings(config: AiConfig, check: bool = True,
+                     dataset_id: str | None = None) -> RagflowSettings | None:
     """The user's dataset if their AI settings name a key and a dataset, else the environment's.
 
+    With workspaces the dataset is the workspace's, ``dataset_id``: a workspace with
+    none gets None; the key and URL are its owner's (``config``), else the environment's.
     ``enableRag`` is not consulted: it decides whether the web app's chat answers from
     RAGFlow, and keeping the dataset current means turning it on needs no backfill.
     An empty ``ragflowBaseUrl`` means RAGFLOW_BASE_URL; another one is checked by
     checked_url (unless ``check`` is off: only to learn whether RAGFlow is configured,
     and which dataset; such settings are not for calls).
     """
-    if config.ragflow_api_key.strip() and config.ragflow_dataset_id.strip():
+    workspaces = models.shape().workspaces
+    dataset = (dataset_id or '') if workspaces else config.ragflow_dataset_id
+    if workspaces and not dataset.strip():
+        return None
+    if config.ragflow_api_key.strip() and dataset.strip():
         url, setting, host = config.ragflow_base_url.strip(), 'AiConfig.ragflowBaseUrl', None
         if not url:
             url, setting = settings.ragflow_base_url, 'RAGFLOW_BASE_URL'
         elif check:
             url, host = checked_url(url, setting)
-        return RagflowSettings(url, config.ragflow_api_key.strip(),
-                               config.ragflow_dataset_id.strip(), setting, host)
+        return RagflowSettings(url, config.ragflow_api_key.strip(), dataset.strip(), setting, host)
     if settings.ragflow_api_key and settings.ragflow_dataset_id:
         return RagflowSettings(settings.ragflow_base_url, settings.ragflow_api_key,
-                               settings.ragflow_dataset_id)
+                               dataset.strip() if workspaces else settings.ragflow_dataset_id)
     return None
 
 
@@ -2087,6 +2100,7 @@ BRIEFING_DEFAULT_TIME = '08:00'
 BRIEFING_ANSWER_CHARS = 20000
 _BRIEFING_TIME = re.compile(r'\s*(\d{1,2}):(\d{2})\s*')
 _BRIEFING_TITLE_DAY = re.compile(re.escape(BRIEFING_TITLE) + r'(\d{4})/(\d{1,2})/(\d{1,2})')
+_WORKSPACE_TITLE_DAY = re.compile(re.escape(BRIEFING_TITLE) + r'.* - (\d{4})/(\d{1,2})/(\d{1,2})\s*$')
 _MARKDOWN_HEADING = re.compile(r'^#{1,6}\s+')
 _CONTROL_CHARS = re.compile(r'[\x00-\x08\x0b-\x1f\x7f-\x9f]')  # C0 and C1, but tab and newline
 _SURROGATES = re.compile(r'[\ud800-\udfff]')
@@ -2249,10 +2263,28 @@ def briefing_text(answer: str) -> str:
     return text.strip()[:BRIEFING_ANSWER_CHARS]
 
 
-def briefing_content(day: datetime.date, body: str, covered: int, total: int) -> str:
-    """The title, the body as plain text, and how many of the day's messages it covers."""
-    return '%s\n\n%s\n\n---\n*涵盖当天 %d 条笔记中的 %d 条*' % (briefing_title(day), body, total,
-                                                           covered)
+def briefing_content(day: datetime.date, body: str, covered: int, total: int,
+                     title: str | None = None) -> str:
+    """The title (by default the user's briefing's), the body as plain text, and how many
+    of the day's messages it covers."""
+    return '%s\n\n%s\n\n---\n*涵盖当天 %d 条笔记中的 %d 条*' % (title or briefing_title(day), body,
+                                                           total, covered)
+
+
+def workspace_briefing_title(name: str, day: datetime.date) -> str:
+    """The first line of a workspace's briefing, as the web app's own worker wrote it:
+    the workspace's name (on one line) between the title and the date."""
+    name = ' '.join(_CONTROL_CHARS.sub(' ', name.replace('\n', ' ')).split())
+    return '%s%s - %d/%d/%d' % (BRIEFING_TITLE, name, day.year, day.month, day.day)
+
+
+def workspace_title_day(content: str) -> datetime.date | None:
+    """The day a workspace briefing's title names (the date ending its first line), or None."""
+    match = _WORKSPACE_TITLE_DAY.match(content.split('\n', 1)[0])
+    try:
+        return datetime.date(*map(int, match.groups())) if match else None
+    except ValueError:
+        return None
 
 
 def unpin_earlier_briefings(user_id: str, day: datetime.date) -> bool:
@@ -2285,12 +2317,18 @@ class BriefingRun(JobRun):
         self.day = datetime.date.fromisoformat(day)
         super().__init__(kind, day, user_id)
 
+    @property
+    def subject_id(self) -> str:
+        """Whose briefing: the user's (the workspace's in WorkspaceBriefingRun)."""
+        return self.user_id
+
     def load_state(self) -> Briefing:
-        return Briefing.lookup(self.user_id, self.day)
+        return self.model.lookup(self.subject_id, self.day)
 
     def mine(self) -> Expression:
-        return ((Briefing.user_id == self.user_id) & (Briefing.day == self.day)
-                & (Briefing.owner == self.token))
+        subject = self.model._meta.fields[self.model.subject]
+        return ((subject == self.subject_id) & (self.model.day == self.day)
+                & (self.model.owner == self.token))
 
     def claim(self, manual: bool = False) -> bool:
         """Take the day unless it is done, settled (for a queued run) or held under a live
@@ -2305,7 +2343,7 @@ class BriefingRun(JobRun):
     def take(self, statuses: tuple[str, ...]) -> bool:
         now = utcnow()
         lease_until = now + datetime.timedelta(seconds=settings.job_lease)
-        if not Briefing.claim(self.user_id, self.day, self.token, statuses, now, lease_until):
+        if not self.model.claim(self.subject_id, self.day, self.token, statuses, now, lease_until):
             return False
         self._remember(status='running', owner=self.token, attempts=self.state.attempts + 1,
                        lease_until=lease_until, updated_at=now)
@@ -2319,10 +2357,16 @@ class BriefingRun(JobRun):
         if not self.holds_lease:
             return
         now = utcnow()
-        if not Briefing.write(self.user_id, self.day, self.token, **fields, updated_at=now):
-            raise LeaseLost('briefing of %s for user %s: the day was taken over by another run'
-                            % (self.day, self.user_id))
+        if not self.model.write(self.subject_id, self.day, self.token, **fields, updated_at=now):
+            raise LeaseLost('briefing of %s for %s: the day was taken over by another run'
+                            % (self.day, self.subject_id))
         self._remember(**fields, updated_at=now)
+
+    def unpin_earlier(self) -> bool:
+        return unpin_earlier_briefings(self.user_id, self.day)
+
+    def add_message(self, message_id: str, content: str, pinned: bool, now: datetime.datetime) -> None:
+        Message.add(message_id, self.user_id, content, pinned, now)
 
     def publish(self, content: str, detail: str, **fields) -> bool:
         """In one transaction, while this run owns the day: mark it done, write the pinned
@@ -2340,8 +2384,8 @@ class BriefingRun(JobRun):
             try:
                 with database.atomic():
                     self.finish('done', detail, message_id=message_id, **fields)
-                    pinned = unpin_earlier_briefings(self.user_id, self.day)
-                    Message.add(message_id, self.user_id, content, pinned, now)
+                    pinned = self.unpin_earlier()
+                    self.add_message(message_id, content, pinned, now)
                     MessageTag.link(message_id, [Tag.upsert(BRIEFING_TAG, BRIEFING_TAG_COLOR).id])
                 return True
             except LeaseLost:
@@ -2352,36 +2396,79 @@ class BriefingRun(JobRun):
                 if not held or time.monotonic() > waited_until:
                     return False
                 time.sleep(0.5)
-            logger.warning('[daily-briefing] %s: user %s: the run that took the day over did not '
-                           'make it; this run, whose lease had run out, makes it', self.day, self.user_id)
+            logger.warning('[daily-briefing] %s: %s: the run that took the day over did not '
+                           'make it; this run, whose lease had run out, makes it', self.day,
+                           self.subject_id)
+
+
+class WorkspaceBriefingRun(BriefingRun):
+    """A workspace's briefing run (workspaces): the (workspace, day) row decides, and the
+    briefing is a system message (no author) in the workspace."""
+    model = WorkspaceBriefing
+
+    def __init__(self, kind: str, label: str, user_id: str, *, day: str, workspace_id: str):
+        self.workspace_id = workspace_id
+        super().__init__(kind, day, user_id)
+
+    @property
+    def subject_id(self) -> str:
+        return self.workspace_id
+
+    def unpin_earlier(self) -> bool:
+        """Unpin this workspace's briefings of earlier days, and no other's; False when
+        one of a later day is pinned (a late briefing does not push it off the top)."""
+        pinned = models.pinned_workspace_briefings(self.workspace_id, BRIEFING_TITLE)
+        days = {message_id: workspace_title_day(content) or datetime.date.min
+                for message_id, content in pinned}
+        earlier = [message_id for message_id, other in days.items() if other < self.day]
+        if earlier:
+            (Message
+             .update(is_pinned=False, updated_at=utcnow())
+             .where(Message.id.in_(earlier))
+             .execute())
+        return not any(other > self.day for other in days.values())
+
+    def add_message(self, message_id: str, content: str, pinned: bool, now: datetime.datetime) -> None:
+        Message.add(message_id, None, content, pinned, now, workspace_id=self.workspace_id)
+
+
+def briefing_model() -> type[Briefing]:
+    """The table of this WhiteNote's briefings: one row per workspace and day with
+    workspaces, else per user and day."""
+    return WorkspaceBriefing if models.shape().workspaces else Briefing
 
 
 def due_briefings(now: datetime.datetime | None = None) -> tuple[datetime.date, list[str]]:
-    """The local day before ``now``, and the users whose briefing of it is due and not settled.
+    """The local day before ``now``, and the users (with workspaces: the workspaces) whose
+    briefing of it is due and not settled.
 
-    Due means: local now is at or past the user's briefingTime today.  Two queries,
-    however many users.  A day whose run died or whose retry was lost (its lease ran
-    out) is due again.
+    Due means: local now is at or past the user's (the workspace owner's) briefingTime
+    today.  Two queries, however many.  A day whose run died or whose retry was lost
+    (its lease ran out) is due again.
     """
     local = local_now(now)
     day = local.date() - datetime.timedelta(days=1)
     clock = utcnow()
-    settled = {user_id for user_id, in (Briefing
-                                        .select(Briefing.user_id)
-                                        .where((Briefing.day == day)
-                                               & (Briefing.status.in_(BRIEFING_SETTLED)
-                                                  | (Briefing.status.in_(BRIEFING_HELD)
-                                                     & (Briefing.lease_until >= clock))))
-                                        .tuples())}
+    workspaces = models.shape().workspaces
+    model = briefing_model()
+    subject = model._meta.fields[model.subject]
+    settled = {subject_id for subject_id, in (model
+                                              .select(subject)
+                                              .where((model.day == day)
+                                                     & (model.status.in_(BRIEFING_SETTLED)
+                                                        | (model.status.in_(BRIEFING_HELD)
+                                                           & (model.lease_until >= clock))))
+                                              .tuples())}
     default, due = briefing_time(BRIEFING_DEFAULT_TIME), []
-    for user_id, at in briefing_users():
+    for subject_id, at in models.briefing_workspaces() if workspaces else briefing_users():
         when = briefing_time(at) if at is not None else default
-        if user_id in settled or local.time() < (when or default):
+        if subject_id in settled or local.time() < (when or default):
             continue
         if when is None:
-            logger.warning('[daily-briefing] %s: user %s has briefingTime %r, not HH:MM; '
-                           '%s used', day, user_id, at, BRIEFING_DEFAULT_TIME)
-        due.append(user_id)
+            logger.warning('[daily-briefing] %s: %s %s has briefingTime %r, not HH:MM; '
+                           '%s used', day, 'workspace' if workspaces else 'user', subject_id, at,
+                           BRIEFING_DEFAULT_TIME)
+        due.append(subject_id)
     return day, due
 
 
@@ -2492,13 +2579,38 @@ def prune_versions(keep: int = 50, message_id: str | None = None, dry_run: bool 
             progress(scanned, deleted)
 
 
+# Messages and comments.
+
+@dataclasses.dataclass(frozen=True)
+class ContentKind:
+    """What the jobs do alike for messages and comments (workspaces): the table of their
+    tag links, and the job kinds (the worker's records) that tag and sync them."""
+    name: str
+    links: type[TagLinks]
+    auto_tag: str
+    sync: str
+
+    def read(self, content_id: str) -> 'Message | models.Content | None':
+        """The message or comment a job reads, None once it is gone."""
+        if self.links is MessageTag:
+            return Message.content_of(content_id)
+        return models.content_of(self.name, content_id)
+
+
+MESSAGES = ContentKind('message', MessageTag, 'auto-tag', 'sync-ragflow')
+COMMENTS = ContentKind('comment', CommentTag, 'auto-tag-comment', 'sync-ragflow-comment')
+TAGGING_ENDED = ('done', 'unchanged', 'skipped', 'failed')  # outcomes after which the sync follows
+
+
+
 # The sweep.
 
-SWEEP_KINDS = ('auto-tag', 'sync-ragflow')
+SWEEP_KINDS = ('auto-tag', 'sync-ragflow', 'auto-tag-comment', 'sync-ragflow-comment')
 OPEN_STATUSES = ('pending', 'queued', 'retrying', 'running')  # a run is due or under way
 SCAN_PRIORITY = -10  # what the rolling scans find waits behind the jobs of new messages
 # Rows are read as named tuples: making model instances would cost more than the queries.
 SWEPT_FIELDS = (Message.id, Message.author.alias('author_id'), Message.content, Message.created_at)
+SWEPT_COMMENT_FIELDS = (Comment.id, Comment.author.alias('author_id'), Comment.content, Comment.created_at)
 STATE_FIELDS = (JobState.id, JobState.kind, JobState.message_id, JobState.user_id, JobState.status,
                 JobState.content_hash, JobState.updated_at)
 
@@ -2586,23 +2698,32 @@ class Sweep:
         row): the fields enable_auto_tag and ragflow_settings() read, once a pass."""
         missing = user_ids - self._configs.keys()
         if missing:
-            for config in (AiConfig
-                           .select(AiConfig.user, AiConfig.enable_auto_tag, AiConfig.ragflow_base_url,
-                                   AiConfig.ragflow_api_key, AiConfig.ragflow_dataset_id)
-                           .where(AiConfig.user.in_(sorted(missing)))):
+            for config in AiConfig.raw(sql('SELECT * FROM "AiConfig" WHERE "userId" IN (%s)'
+                                           % models.placeholders(len(missing))), *sorted(missing)):
                 self._configs[config.user_id] = config
             for user_id in missing - self._configs.keys():
                 self._configs[user_id] = AiConfig(user=user_id)
         return self._configs
 
-    def due_jobs(self, messages: list, span: bool = False,
-                 older: float | None = None) -> dict[str, list[DueJob]]:
-        """Per message (rows of SWEPT_FIELDS), the jobs it needs: of the kinds its author
-        has on (as enqueue_message_jobs decides), those with no outcome for its current
-        input.  Only messages older than ``older`` seconds (SWEEP_GRACE_SECONDS: a
-        younger one is left to its direct enqueue).  ``span``: the messages are a slice
-        of the primary key, and their rows are read by that range of ids (an index
-        range) rather than by a list of them."""
+    def places(self, kind: ContentKind, items: list) -> dict[str, tuple]:
+        """Per message or comment, (tagger, owner, auto-tag on, dataset), as the jobs
+        decide them (see where_it_belongs); one that is gone meanwhile is left out."""
+        if models.shape().workspaces:
+            return {item.id: (item.tagger_id, item.owner_id, item.auto_tag, item.dataset_id)
+                    for item in models.contents(kind.name, [item.id for item in items]).values()}
+        configs = self.configs({item.author_id for item in items})
+        return {item.id: (item.author_id, item.author_id, configs[item.author_id].enable_auto_tag, None)
+                for item in items}
+
+    def due_jobs(self, messages: list, span: bool = False, older: float | None = None,
+                 kind: ContentKind = MESSAGES) -> dict[str, list[DueJob]]:
+        """Per message (rows of SWEPT_FIELDS; or comment), the jobs it needs: of the kinds
+        that are on for it (as enqueue_message_jobs decides), those with no outcome for its
+        current input; the sync only once tagging has ended, since auto-tag enqueues it
+        then.  Only messages older than ``older`` seconds (SWEEP_GRACE_SECONDS: a younger
+        one is left to its direct enqueue).  ``span``: the messages are a slice of the
+        primary key, and their rows are read by that range of ids (an index range)
+        rather than by a list of them."""
         ids = [message.id for message in messages]
         span = (ids[0], ids[-1]) if span and ids else None
         before = self.now - datetime.timedelta(seconds=settings.sweep_grace if older is None else older)
@@ -2611,33 +2732,38 @@ class Sweep:
         mine = JobState.message_id.between(*span) if span else JobState.message_id.in_(ids)
         states = {(state.kind, state.message_id): state for state in JobState
                   .select(*STATE_FIELDS)
-                  .where(JobState.kind.in_(SWEEP_KINDS) & mine)
+                  .where(JobState.kind.in_((kind.auto_tag, kind.sync)) & mine)
                   .namedtuples()}
-        configs = self.configs({message.author_id for message in messages})
+        places = self.places(kind, messages) if messages else {}
+        configs = self.configs({place[1] for place in places.values() if place[1] is not None})
         tags = None
         due: dict[str, list[DueJob]] = {}
         for message in messages:
-            config = configs[message.author_id]
-            wanted = []
-            if config.enable_auto_tag:
-                wanted.append(('auto-tag', content_hash(message.content)))
-            endpoint = ragflow_settings(config, check=False)
-            if endpoint is not None:
-                tags = tag_names_of(ids, span) if tags is None else tags
+            if message.id not in places:
+                continue
+            tagger, owner, tagging, dataset = places[message.id]
+            tagging_ends = True  # the sync waits while tagging is due or under way
+            if tagging and tagger is not None:
+                state = states.get((kind.auto_tag, message.id))
+                if needs_run(state, content_hash(message.content)):
+                    due.setdefault(message.id, []).append(DueJob(kind.auto_tag, message.id, tagger, state))
+                    tagging_ends = False
+                elif state.status in OPEN_STATUSES:
+                    tagging_ends = False
+            endpoint = ragflow_settings(configs[owner], check=False, dataset_id=dataset) if owner is not None else None
+            if endpoint is not None and tagging_ends:
+                tags = tag_names_of(ids, span, kind.links) if tags is None else tags
                 text = document_text(message.content, tags.get(message.id, []))
-                wanted.append(('sync-ragflow', document_hash(text, endpoint.dataset_id)))
-            for kind, input_hash in wanted:
-                state = states.get((kind, message.id))
-                if needs_run(state, input_hash):
-                    due.setdefault(message.id, []).append(
-                        DueJob(kind, message.id, message.author_id, state))
+                state = states.get((kind.sync, message.id))
+                if needs_run(state, document_hash(text, endpoint.dataset_id)):
+                    due.setdefault(message.id, []).append(DueJob(kind.sync, message.id, owner, state))
         return due
 
     def enqueue_for(self, messages: list, count: str, priority: int = 0, span: bool = False,
-                    older: float | None = None) -> tuple | None:
-        """Enqueue what these messages need, in order, while the budget lasts; the last
-        message dealt with in full (None: not even the first)."""
-        due = self.due_jobs(messages, span, older) if messages else {}
+                    older: float | None = None, kind: ContentKind = MESSAGES) -> tuple | None:
+        """Enqueue what these messages (or comments) need, in order, while the budget
+        lasts; the last one dealt with in full (None: not even the first)."""
+        due = self.due_jobs(messages, span, older, kind) if messages else {}
         done = None
         for message in messages:
             jobs = due.get(message.id, [])
@@ -2698,23 +2824,43 @@ class Sweep:
                                                          .namedtuples())}
             self.enqueue_for([found[i] for i in chunk if i in found], 'recent')
 
-    def scan_documents(self) -> None:
-        """The next SWEEP_SCAN_BATCH sync rows that name a dataset (the message may have
-        documents there: a sync records it before its first upload), by message id: one
-        whose message is gone is enqueued, and the sync removes its documents."""
+    def recent_comments(self) -> None:
+        """Comments (workspaces) created in the last SWEEP_LOOKBACK_HOURS, but not in the
+        last SWEEP_GRACE_SECONDS: a range of their cuid primary key, in id order."""
+        start = self.now - datetime.timedelta(seconds=settings.sweep_lookback)
+        end = self.now - datetime.timedelta(seconds=settings.sweep_grace)
+        after = Comment.id >= models.id_floor(start)
+        while self.budget > 0:
+            comments = list(Comment
+                            .select(*SWEPT_COMMENT_FIELDS)
+                            .where(after & (Comment.id < models.id_floor(end)))
+                            .order_by(Comment.id)
+                            .limit(settings.sweep_scan_batch)
+                            .namedtuples())
+            self.enqueue_for(comments, 'recent', kind=COMMENTS)
+            if len(comments) < settings.sweep_scan_batch:
+                return
+            after = Comment.id > comments[-1].id
+
+    def scan_documents(self, kind: ContentKind = MESSAGES) -> None:
+        """The next SWEEP_SCAN_BATCH sync rows that name a dataset (the item may have
+        documents there: a sync records it before its first upload), by message (or
+        comment) id: one whose item is gone is enqueued, and the sync removes its documents."""
         if self.budget <= 0:
             return
-        after = cursor_position('documents')
+        table = Message if kind is MESSAGES else Comment
+        cursor = 'documents' if kind is MESSAGES else 'comment-documents'
+        after = cursor_position(cursor)
         rows = list(JobState
-                    .select(*STATE_FIELDS, Message.id.alias('present'))
-                    .join(Message, JOIN.LEFT_OUTER, on=(Message.id == JobState.message_id))
-                    .where((JobState.kind == 'sync-ragflow')
+                    .select(*STATE_FIELDS, JobState.dataset_id, table.id.alias('present'))
+                    .join(table, JOIN.LEFT_OUTER, on=(table.id == JobState.message_id))
+                    .where((JobState.kind == kind.sync)
                            & (JobState.message_id > after)
                            & JobState.dataset_id.is_null(False))
                     .order_by(JobState.message_id)
                     .limit(settings.sweep_scan_batch)
                     .namedtuples())
-        self.counts['documents_scanned'] = len(rows)
+        self.counts['documents_scanned'] += len(rows)
         position = rows[-1].message_id if len(rows) == settings.sweep_scan_batch else ''
         gone = [state for state in rows if state.present is None]
         configs = self.configs({state.user_id for state in gone})
@@ -2724,35 +2870,38 @@ class Sweep:
                 position = handled
                 break
             handled = state.message_id
-            endpoint = ragflow_settings(configs[state.user_id], check=False)
+            endpoint = ragflow_settings(configs[state.user_id], check=False, dataset_id=state.dataset_id)
             if endpoint is not None and needs_run(state, document_hash(None, endpoint.dataset_id)):
                 self.counts['deleted'] += self.enqueue(
-                    DueJob('sync-ragflow', state.message_id, state.user_id, state), SCAN_PRIORITY)
-        move_cursor('documents', position)
+                    DueJob(kind.sync, state.message_id, state.user_id, state), SCAN_PRIORITY)
+        move_cursor(cursor, position)
 
-    def scan_messages(self) -> None:
-        """The next SWEEP_SCAN_BATCH messages by id, from where the last pass stopped and
-        round again: edits made straight in SQL, and messages older than the lookback."""
+    def scan_messages(self, kind: ContentKind = MESSAGES) -> None:
+        """The next SWEEP_SCAN_BATCH messages (or comments) by id, from where the last pass
+        stopped and round again: edits made straight in SQL, and items older than the
+        lookback."""
         if self.budget <= 0:
             return
-        after = cursor_position('messages')
-        messages = list(Message
-                        .select(*SWEPT_FIELDS)
-                        .where(Message.id > after)
-                        .order_by(Message.id)
+        table, fields = (Message, SWEPT_FIELDS) if kind is MESSAGES else (Comment, SWEPT_COMMENT_FIELDS)
+        cursor = kind.name + 's'
+        after = cursor_position(cursor)
+        messages = list(table
+                        .select(*fields)
+                        .where(table.id > after)
+                        .order_by(table.id)
                         .limit(settings.sweep_scan_batch)
                         .namedtuples())
-        self.counts['messages_scanned'] = len(messages)
+        self.counts['%s_scanned' % cursor] = len(messages)
         # Messages of the lookback are recent_messages' part, every pass.
         done = self.enqueue_for(messages, 'changed', SCAN_PRIORITY, span=True,
-                                older=settings.sweep_lookback)
+                                older=settings.sweep_lookback, kind=kind)
         if messages and done is not messages[-1]:  # cut short by the budget
             position = done.id if done is not None else after
         elif len(messages) == settings.sweep_scan_batch:
             position = messages[-1].id
         else:
             position = ''  # the end: round again
-        move_cursor('messages', position)
+        move_cursor(cursor, position)
 
 
 def sweep(now: datetime.datetime | None = None, limit: int | None = None,
@@ -2771,8 +2920,13 @@ def sweep(now: datetime.datetime | None = None, limit: int | None = None,
         sweep_pass = Sweep(now or utcnow(), max(0, limit - huey.pending_count()), counts)
         sweep_pass.lost_runs()
         sweep_pass.recent_messages()
+        if models.shape().workspaces:
+            sweep_pass.recent_comments()
         sweep_pass.scan_documents()
         sweep_pass.scan_messages()
+        if models.shape().workspaces:
+            sweep_pass.scan_documents(COMMENTS)
+            sweep_pass.scan_messages(COMMENTS)
         if briefings:
             counts['briefings'] = len(dispatch_briefings(sweep_pass.now))
     logger.log(logging.INFO if counts['enqueued'] or reason != 'periodic' else logging.DEBUG,
@@ -2786,110 +2940,242 @@ def sweep(now: datetime.datetime | None = None, limit: int | None = None,
 
 # Tasks.
 
+def is_worker_briefing(message: Message) -> bool:
+    """Whether a message of the first shape is a briefing the worker wrote (never tagged)."""
+    return message.content.startswith(BRIEFING_TITLE) and (Briefing
+                                                          .select()
+                                                          .where((Briefing.user_id == message.author_id)
+                                                                 & (Briefing.message_id == message.id))
+                                                          .exists())
+
+
+def where_it_belongs(content) -> tuple[str | None, str | None, str | None]:
+    """(tagger, owner, dataset) of a message or comment that exists: whose model and tags
+    tag it (None: never tagged), whose AiConfig holds the RAGFlow key, and, with
+    workspaces, the workspace's dataset."""
+    if models.shape().workspaces:
+        return content.tagger_id, content.owner_id, content.dataset_id
+    return content.author_id, content.author_id, None
+
+
+def auto_tag_body(run: JobRun, kind: ContentKind, content_id: str, this_task: TaskWrapper,
+                  user_id: str) -> None:
+    """Tag a message or comment once per content; leaves on ``run.sync_after`` what the
+    sync that follows needs: (user, their AiConfig, dataset)."""
+    if kind is COMMENTS and not models.shape().workspaces:
+        run.finish('skipped', 'this WhiteNote has no comments')
+        return
+    item = kind.read(content_id)
+    if item is None:
+        run.finish('skipped', '%s no longer exists' % kind.name)
+        return
+    tagger, owner, dataset = where_it_belongs(item)
+    input_hash = content_hash(item.content)
+    config = AiConfig.for_user(tagger or owner)
+    run.sync_after = (owner, config if (tagger or owner) == owner else None, dataset)
+    if tagger is None:
+        run.finish('skipped', 'a system message (no author) is never tagged', content_hash=input_hash)
+        return
+    if models.shape().workspaces:
+        if not item.auto_tag:
+            run.finish('skipped', 'auto-tag is off for this workspace' if item.workspace_id
+                       else 'the %s is in no workspace' % kind.name)
+            return
+    elif not config.enable_auto_tag:
+        run.finish('skipped', 'auto-tag is off for this user')
+        return
+    elif is_worker_briefing(item):
+        run.finish('skipped', 'a daily briefing is never tagged', content_hash=input_hash)
+        return
+    if run.state.status == 'done' and run.state.content_hash == input_hash:
+        return
+    if not run.claim(input_hash):
+        defer(run, this_task, user_id, content_id)
+        return
+    known_tags = Tag.names_used_by(tagger)
+    endpoint = model_settings(config, config.auto_tag_model, settings.auto_tag_model)
+    if endpoint is None:
+        names, how = offline_tags(item.content, known_tags), 'offline (no model key)'
+    else:
+        run.secrets = (endpoint.api_key,)
+        answer = ask_model(endpoint, tag_prompt(item.content, known_tags))
+        names, how = validate_tags(parse_tag_answer(answer)), 'model %s' % endpoint.model
+    with database.atomic():
+        _, _, added = apply_auto_tags(content_id, run.state, names, kind.links)
+        run.finish('done', '%d tag(s) by %s' % (len(names), how), tags_added=json.dumps(added))
+
+
+def run_auto_tag(kind: ContentKind, user_id: str, content_id: str, task: Task | None,
+                 this_task: TaskWrapper) -> None:
+    """One auto-tag job; once tagging has ended for the content (done, nothing to do, or
+    failed for good, not while a retry or another run is due), the sync follows: one
+    upload, with the tags, instead of one before tagging and one after."""
+    run = None
+    try:
+        with job(kind.auto_tag, content_id, user_id, task) as run:
+            auto_tag_body(run, kind, content_id, this_task, user_id)
+    finally:
+        if run is not None and run.outcome in TAGGING_ENDED:
+            try:
+                with database.connection_context():
+                    after = getattr(run, 'sync_after', None)
+                    owner, config, dataset = after or deleted_sync_target(kind, user_id, content_id)
+                    if owner is not None:
+                        enqueue_ragflow_sync(owner, content_id, config, dataset, kind)
+            except Exception as exc:
+                logger.warning('[%s] %s: enqueue failed, left for the sweep: %s', kind.sync,
+                               content_id, clip(exc, 300))
+
+
 @huey.task(retries=RETRIES, retry_delay=RETRY_DELAY, context=True)
 def auto_tag(user_id: str, message_id: str, task: Task | None = None) -> None:
     """Tag a message with 1-3 tags from the model (or offline), once per content."""
-    with job('auto-tag', message_id, user_id, task) as run:
-        message = Message.content_of(message_id)
-        if message is None:
-            run.finish('skipped', 'message no longer exists')
-            return
-        config = AiConfig.for_user(message.author_id)
-        if not config.enable_auto_tag:
-            run.finish('skipped', 'auto-tag is off for this user')
-            return
-        input_hash = content_hash(message.content)
-        if run.state.status == 'done' and run.state.content_hash == input_hash:
-            return
-        if not run.claim(input_hash):
-            defer(run, auto_tag, user_id, message_id)
-            return
-        known_tags = Tag.names_used_by(message.author_id)
-        endpoint = model_settings(config, config.auto_tag_model, settings.auto_tag_model)
+    run_auto_tag(MESSAGES, user_id, message_id, task, auto_tag)
+
+
+@huey.task(retries=RETRIES, retry_delay=RETRY_DELAY, context=True)
+def auto_tag_comment(user_id: str, comment_id: str, task: Task | None = None) -> None:
+    """Tag a comment (workspaces) as auto_tag does a message, through "CommentTag"."""
+    run_auto_tag(COMMENTS, user_id, comment_id, task, auto_tag_comment)
+
+
+def deleted_sync_target(kind: ContentKind, user_id: str,
+                        content_id: str) -> tuple[str, AiConfig | None, str | None]:
+    """(user, their AiConfig, dataset) of a message or comment that is gone: the first
+    shape's user's own dataset; with workspaces, the dataset its record names, with the
+    key of the user recorded there (None: it never reached RAGFlow)."""
+    if not models.shape().workspaces:
+        return user_id, None, None
+    state = JobState.lookup(kind.sync, content_id, user_id)
+    return state.user_id or user_id, None, state.dataset_id
+
+
+def sync_body(run: JobRun, kind: ContentKind, content_id: str, this_task: TaskWrapper,
+              user_id: str) -> None:
+    """Make the dataset hold exactly one current document for the message or comment."""
+    if kind is COMMENTS and not models.shape().workspaces:
+        run.finish('skipped', 'this WhiteNote has no comments')
+        return
+    item = kind.read(content_id)
+    previous = run.state
+    if item is not None:
+        _, owner, dataset = where_it_belongs(item)
+    else:
+        owner, _, dataset = deleted_sync_target(kind, user_id, content_id)
+    config = AiConfig.for_user(owner) if owner is not None else None
+    endpoint = ragflow_settings(config, dataset_id=dataset) if config is not None else None
+    moved_from = None  # with workspaces, a dataset that still holds the item's documents
+    if models.shape().workspaces and previous.dataset_id and config is not None \
+            and previous.dataset_id != (endpoint.dataset_id if endpoint else None):
+        moved_from = ragflow_settings(config, dataset_id=previous.dataset_id)
+    if endpoint is None and moved_from is None:
+        run.finish('skipped', 'RAGFlow is not configured for this %s'
+                   % ('workspace' if models.shape().workspaces else 'user'))
+        return
+    run.secrets = tuple(target.api_key for target in (endpoint, moved_from) if target is not None)
+    text = None  # for a deleted message what is wanted is no document in this dataset
+    if item is not None and endpoint is not None:
+        text = document_text(item.content, message_tag_names(content_id, kind.links))
+    input_hash = document_hash(text, endpoint.dataset_id if endpoint is not None else '')
+    if not run.claim(input_hash):
+        defer(run, this_task, user_id, content_id)
+        return
+    moved = ''
+    if moved_from is not None:
+        # Out of the old dataset first: once the record names the new one, nothing
+        # would say where the old documents are.
+        moved = remove_moved_documents(moved_from, content_id, run)
         if endpoint is None:
-            names, how = offline_tags(message.content, known_tags), 'offline (no model key)'
-        else:
-            run.secrets = (endpoint.api_key,)
-            answer = ask_model(endpoint, tag_prompt(message.content, known_tags))
-            names, how = validate_tags(parse_tag_answer(answer)), 'model %s' % endpoint.model
-        with database.atomic():
-            before, after, added = apply_auto_tags(message_id, run.state, names)
-            run.finish('done', '%d tag(s) by %s' % (len(names), how), tags_added=json.dumps(added))
-        if after != before:
-            enqueue_ragflow_sync(message.author_id, message_id, config)
+            run.finish('skipped', 'RAGFlow is not configured for this workspace; %s' % moved,
+                       document_id=None, dataset_id=None)
+            return
+        moved = '; ' + moved
+    elif previous.status == 'done' and previous.content_hash == input_hash:
+        found = {doc['id'] for doc in message_documents(endpoint, content_id)}
+        wanted = {previous.document_id} if item is not None else set()
+        if found == wanted:
+            run.finish('done', previous.detail)
+            run.outcome = 'unchanged'
+            return
+        if wanted <= found:
+            run.hold()
+            delete_documents(endpoint, sorted(found - wanted))
+            run.finish('done', 'unchanged, %d stray document(s) removed' % len(found - wanted))
+            return
+    if item is None:
+        removed = remove_documents(endpoint, content_id, run)
+        run.finish('done', '%s deleted, %d document(s) removed' % (kind.name, removed),
+                   document_id=None, dataset_id=None)
+        return
+    if run.state.dataset_id != endpoint.dataset_id:
+        # From now on the sweep looks in this dataset once the item is deleted, even
+        # for an upload whose answer is lost.
+        run.write(dataset_id=endpoint.dataset_id)
+    doc = upload_document(endpoint, document_name(content_id), text)
+    try:
+        run.write(document_id=doc['id'], dataset_id=endpoint.dataset_id)
+    except LeaseLost:
+        delete_documents(endpoint, [doc['id']])  # this run's own upload, recorded nowhere
+        raise
+    removed = remove_documents(endpoint, content_id, run, keep=doc['id'])
+    if doc.get('name') != document_name(content_id):
+        if rename_document(endpoint, doc['id'], document_name(content_id)):
+            doc['name'] = document_name(content_id)
+    parse_documents(endpoint, [doc['id']])
+    run.finish('done', 'uploaded %s, %d older document(s) removed%s'
+               % (doc.get('name'), removed, moved), document_id=doc['id'],
+               dataset_id=endpoint.dataset_id)
+
+
+def remove_moved_documents(endpoint: RagflowSettings, content_id: str, run: JobRun) -> str:
+    """Delete the item's documents from the dataset it moved out of; a dataset that is
+    gone or refuses (a permanent error) holds nothing to keep in step, and is noted."""
+    try:
+        return '%d document(s) removed from dataset %s' % (
+            remove_documents(endpoint, content_id, run), endpoint.dataset_id)
+    except PermanentError as exc:
+        return 'dataset %s not cleaned: %s' % (endpoint.dataset_id, clip(exc, 200))
 
 
 @huey.task(retries=RETRIES, retry_delay=RETRY_DELAY, context=True)
 def sync_ragflow(user_id: str, message_id: str, task: Task | None = None) -> None:
-    """Make the author's dataset hold exactly one current document for the message.
+    """Make the author's dataset (with workspaces, the workspace's) hold exactly one
+    current document for the message.
 
     The new version is uploaded before the old ones are deleted, so the message never
     has no document; the clean-up also removes copies RAGFlow renamed ``(1)`` and those
-    a lost answer left.  A deleted message has all its documents removed.  With the
-    same text the job only lists, to confirm (or repair) what it kept.
+    a lost answer left, and those in the dataset of a workspace the message moved out
+    of.  A deleted message has all its documents removed.  With the same text the job
+    only lists, to confirm (or repair) what it kept.
     """
     with job('sync-ragflow', message_id, user_id, task) as run:
-        message = Message.content_of(message_id)
-        author_id = message.author_id if message is not None else user_id
-        endpoint = ragflow_settings(AiConfig.for_user(author_id))
-        if endpoint is None:
-            run.finish('skipped', 'RAGFlow is not configured for this user')
-            return
-        run.secrets = (endpoint.api_key,)
-        text = None  # for a deleted message what is wanted is no document in this dataset
-        if message is not None:
-            text = document_text(message.content, message_tag_names(message_id))
-        input_hash = document_hash(text, endpoint.dataset_id)
-        previous = run.state
-        if not run.claim(input_hash):
-            defer(run, sync_ragflow, user_id, message_id)
-            return
-        if previous.status == 'done' and previous.content_hash == input_hash:
-            found = {doc['id'] for doc in message_documents(endpoint, message_id)}
-            wanted = {previous.document_id} if message is not None else set()
-            if found == wanted:
-                run.finish('done', previous.detail)
-                run.outcome = 'unchanged'
-                return
-            if wanted <= found:
-                run.hold()
-                delete_documents(endpoint, sorted(found - wanted))
-                run.finish('done', 'unchanged, %d stray document(s) removed' % len(found - wanted))
-                return
-        if message is None:
-            removed = remove_documents(endpoint, message_id, run)
-            run.finish('done', 'message deleted, %d document(s) removed' % removed,
-                       document_id=None, dataset_id=None)
-        else:
-            if run.state.dataset_id != endpoint.dataset_id:
-                # From now on the sweep looks in this dataset once the message is deleted,
-                # even for an upload whose answer is lost.
-                run.write(dataset_id=endpoint.dataset_id)
-            doc = upload_document(endpoint, document_name(message_id), text)
-            try:
-                run.write(document_id=doc['id'], dataset_id=endpoint.dataset_id)
-            except LeaseLost:
-                delete_documents(endpoint, [doc['id']])  # this run's own upload, recorded nowhere
-                raise
-            removed = remove_documents(endpoint, message_id, run, keep=doc['id'])
-            if doc.get('name') != document_name(message_id):
-                if rename_document(endpoint, doc['id'], document_name(message_id)):
-                    doc['name'] = document_name(message_id)
-            parse_documents(endpoint, [doc['id']])
-            run.finish('done', 'uploaded %s, %d older document(s) removed'
-                       % (doc.get('name'), removed), document_id=doc['id'],
-                       dataset_id=endpoint.dataset_id)
+        sync_body(run, MESSAGES, message_id, sync_ragflow, user_id)
 
 
-def enqueue_ragflow_sync(user_id: str, message_id: str, config: AiConfig) -> bool:
-    """Enqueue sync_ragflow if the user has RAGFlow configured; never raises."""
+@huey.task(retries=RETRIES, retry_delay=RETRY_DELAY, context=True)
+def sync_ragflow_comment(user_id: str, comment_id: str, task: Task | None = None) -> None:
+    """Keep one current document per comment (workspaces) in its workspace's dataset,
+    ``message_<comment id>.md`` with its tags first, as sync_ragflow does for a message."""
+    with job('sync-ragflow-comment', comment_id, user_id, task) as run:
+        sync_body(run, COMMENTS, comment_id, sync_ragflow_comment, user_id)
+
+
+def enqueue_ragflow_sync(user_id: str, message_id: str, config: AiConfig | None,
+                         dataset_id: str | None = None, kind: ContentKind = MESSAGES) -> bool:
+    """Enqueue the sync if the user (with workspaces: the workspace, ``dataset_id``) has
+    RAGFlow configured; never raises.  With no ``config`` (the item is gone), only if
+    there is a dataset to clean: the user's own, or (workspaces) the one recorded."""
     try:
-        if ragflow_settings(config, check=False) is None:
+        if config is None:
+            config = AiConfig.for_user(user_id)
+            if models.shape().workspaces and not dataset_id:
+                return False
+        if ragflow_settings(config, check=False, dataset_id=dataset_id) is None:
             return False
-        sync_ragflow(user_id, message_id)
+        JOB_TASKS[kind.sync](user_id, message_id)
         return True
     except Exception as exc:
-        logger.warning('[sync-ragflow] %s: enqueue failed, left for the sweep: %s',
+        logger.warning('[%s] %s: enqueue failed, left for the sweep: %s', kind.sync,
                        message_id, clip(exc, 300))
         return False
 
@@ -2916,21 +3202,52 @@ def cleanup_versions(keep: int = 50, message_id: str | None = None, task: Task |
 def enqueue_message_jobs(user_id: str, message_id: str) -> list[str]:
     """Enqueue the jobs a created, edited or deleted message needs; never raises.
 
-    For a web app written in Python, in its request path: if the queue or database
-    is down, the message is already saved and the sweep finds it later.
+    With auto-tag on, only auto-tag is enqueued, and the sync follows once tagging has
+    ended, as the web app's own route does: the note reaches RAGFlow once, with its
+    tags.  Returns the kinds of job the message gets, in that order.  For a web app
+    written in Python, in its request path: if the queue or database is down, the
+    message is already saved and the sweep finds it later.
     """
-    enqueued = []
+    return enqueue_jobs(MESSAGES, user_id, message_id)
+
+
+def enqueue_comment_jobs(user_id: str, comment_id: str) -> list[str]:
+    """As enqueue_message_jobs, for a comment (workspaces): ``auto-tag-comment``, and
+    ``sync-ragflow-comment`` following it.  The web app enqueues a new comment's
+    tagging and sync side by side; taking both here uploads it once, after tagging."""
+    return enqueue_jobs(COMMENTS, user_id, comment_id)
+
+
+def enqueue_jobs(kind: ContentKind, user_id: str, content_id: str) -> list[str]:
+    jobs = []
     try:
-        config = AiConfig.for_user(user_id)
-        if config.enable_auto_tag:
-            auto_tag(user_id, message_id)
-            enqueued.append('auto-tag')
-        if enqueue_ragflow_sync(user_id, message_id, config):
-            enqueued.append('sync-ragflow')
+        if models.shape().workspaces:
+            item = kind.read(content_id)
+            if item is None:  # gone: its documents are cleaned up, if it had any
+                owner, config, dataset = deleted_sync_target(kind, user_id, content_id)
+                tagging = False
+            else:
+                owner, dataset = item.owner_id, item.dataset_id
+                config = AiConfig.for_user(owner) if owner else None
+                tagging = bool(item.auto_tag and item.tagger_id)
+        elif kind is COMMENTS:
+            return jobs  # no comments in this WhiteNote
+        else:
+            owner, dataset, config = user_id, None, AiConfig.for_user(user_id)
+            tagging = config.enable_auto_tag
+        synced = owner is not None and ragflow_settings(config or AiConfig.for_user(owner), check=False,
+                                                        dataset_id=dataset) is not None
+        if tagging:
+            JOB_TASKS[kind.auto_tag](user_id, content_id)
+            jobs.append(kind.auto_tag)
+            if synced:
+                jobs.append(kind.sync)
+        elif synced and enqueue_ragflow_sync(owner, content_id, config, dataset, kind):
+            jobs.append(kind.sync)
     except Exception as exc:
-        logger.warning('enqueue for message %s failed, left for the sweep: %s',
-                       message_id, clip(exc, 300))
-    return enqueued
+        logger.warning('enqueue for %s %s failed, left for the sweep: %s', kind.name,
+                       content_id, clip(exc, 300))
+    return jobs
 
 
 @huey.task(retries=RETRIES, retry_delay=RETRY_DELAY, context=True)
@@ -2952,47 +3269,87 @@ def daily_briefing(user_id: str, day: datetime.date, manual: bool = False,
             run.finish('skipped', 'briefing is off for this user')
             return run.outcome
         existing, messages = briefing_input(user_id, day)
-        if existing is not None:
-            run.finish('done', 'a briefing of this day exists already', message_id=existing)
+        write_briefing(run, config, existing, messages, briefing_title(day))
+    return run.outcome
+
+
+def write_briefing(run: BriefingRun, config: AiConfig, existing: str | None,
+                   messages: list[Message], title: str, **fields) -> None:
+    """Summarise the day's messages with the model (or offline) into the briefing titled
+    ``title`` and publish it, unless one exists already or the day had no messages."""
+    day = run.day
+    if existing is not None:
+        run.finish('done', 'a briefing of this day exists already', message_id=existing, **fields)
+        return
+    if not messages:
+        run.finish('empty', 'no messages on %s: no briefing' % day, **fields)
+        return
+    covered = within_budget(messages, settings.briefing_max_chars)
+    endpoint = model_settings(config, config.briefing_model, settings.briefing_model)
+    if endpoint is None:
+        body, how = offline_briefing(covered, messages), 'offline (no model key)'
+    else:
+        run.secrets = (endpoint.api_key,)
+        answer = ask_model(endpoint, briefing_prompt(config, covered, len(messages)), 0.7)
+        body = briefing_text(answer)
+        if not body:
+            raise TransientError('model endpoint gave an empty briefing')
+        how = 'model %s' % endpoint.model
+    detail = '%d of %d message(s) by %s' % (len(covered), len(messages), how)
+    if briefing_time(config.briefing_time) is None:
+        detail += '; briefingTime %r is not HH:MM, %s used' % (config.briefing_time,
+                                                              BRIEFING_DEFAULT_TIME)
+    content = briefing_content(day, body, len(covered), len(messages), title)
+    if not run.publish(content, detail, covered=len(covered), total=len(messages), **fields):
+        logger.warning('[daily-briefing] %s: %s was taken over by another run, which made the '
+                       'briefing; this one is dropped', day, run.subject_id)
+
+
+@huey.task(retries=RETRIES, retry_delay=RETRY_DELAY, context=True)
+def workspace_briefing(workspace_id: str, day: datetime.date, manual: bool = False,
+                       task: Task | None = None) -> str:
+    """Make the workspace's briefing of the local ``day`` (workspaces), once, whoever else
+    tries: from the workspace's notes, with its owner's AI settings, titled with the
+    workspace's name, a pinned system message in the workspace.  As daily_briefing."""
+    with database.connection_context():
+        workspace = Workspace.get_or_none(Workspace.id == workspace_id)
+    owner = workspace.user_id if workspace is not None else ''
+    run_class = functools.partial(WorkspaceBriefingRun, day=day.isoformat(), workspace_id=workspace_id)
+    with job('daily-briefing', '%s workspace %s' % (day, workspace_id), owner, task, run_class) as run:
+        if not run.claim(manual):
             return run.outcome
-        if not messages:
-            run.finish('empty', 'no messages on %s: no briefing' % day)
+        if workspace is None:
+            run.finish('skipped', 'workspace no longer exists')
             return run.outcome
-        covered = within_budget(messages, settings.briefing_max_chars)
-        endpoint = model_settings(config, config.briefing_model, settings.briefing_model)
-        if endpoint is None:
-            body, how = offline_briefing(covered, messages), 'offline (no model key)'
-        else:
-            run.secrets = (endpoint.api_key,)
-            answer = ask_model(endpoint, briefing_prompt(config, covered, len(messages)), 0.7)
-            body = briefing_text(answer)
-            if not body:
-                raise TransientError('model endpoint gave an empty briefing')
-            how = 'model %s' % endpoint.model
-        detail = '%d of %d message(s) by %s' % (len(covered), len(messages), how)
-        if briefing_time(config.briefing_time) is None:
-            detail += '; briefingTime %r is not HH:MM, %s used' % (config.briefing_time,
-                                                                  BRIEFING_DEFAULT_TIME)
-        content = briefing_content(day, body, len(covered), len(messages))
-        if not run.publish(content, detail, covered=len(covered), total=len(messages)):
-            logger.warning('[daily-briefing] %s: user %s was taken over by another run, '
-                           'which made the briefing; this one is dropped', day, user_id)
+        if not workspace.enable_briefing:
+            run.finish('skipped', 'briefing is off for this workspace', user_id=owner)
+            return run.outcome
+        start, end = local_day_bounds(day)
+        title = workspace_briefing_title(workspace.name, day)
+        found = models.workspace_day(workspace, title + '\n', BRIEFING_TITLE, start, end)
+        existing = next((message.id for message in found if message.content.startswith(title + '\n')),
+                        None)
+        messages = [message for message in found if not message.content.startswith(title + '\n')]
+        write_briefing(run, AiConfig.for_user(owner), existing, messages, title, user_id=owner)
     return run.outcome
 
 
 def dispatch_briefings(now: datetime.datetime | None = None) -> list[str]:
-    """Enqueue a daily_briefing task for each user whose briefing is due at ``now``.
+    """Enqueue a briefing task for each user (with workspaces: each workspace) whose
+    briefing is due at ``now``.
 
     Each pass is recorded as the run "briefings", with the day and how many were
     enqueued: ``whitenote-huey status`` shows the last dispatch.
     """
+    task = workspace_briefing if models.shape().workspaces else daily_briefing
     with recorded_run('briefings') as counts:
         day, due = due_briefings(now)
         counts['day'] = day.isoformat()
-        enqueue_all([daily_briefing.s(user_id, day) for user_id in due])
+        enqueue_all([task.s(subject_id, day) for subject_id in due])
         counts['enqueued'] = len(due)
     if due:
-        logger.info('[daily-briefing] %s: enqueued for %d user(s)', day, len(due))
+        logger.info('[daily-briefing] %s: enqueued for %d %s', day, len(due),
+                    'workspace(s)' if task is workspace_briefing else 'user(s)')
     return due
 
 
@@ -3031,6 +3388,29 @@ def prepare_worker() -> None:
         models.create_tables()
 
 
+def check_database_at_start() -> None:
+    """Before the consumer starts its workers: make the worker's missing tables and find
+    which WhiteNote the database is, from its columns.  One that is none stops the
+    consumer, naming what is missing; one that cannot be reached now is left to the
+    workers, which try again with each job."""
+    try:
+        with database.connection_context():
+            models.create_tables()
+            found = models.detect_shape()
+    except models.UnknownShape as exc:
+        logger.error('whitenote-huey cannot start beside DATABASE_URL %s: %s',
+                     _hide_password(settings.database_url), exc)
+        raise SystemExit(1) from None
+    except (DatabaseError, InterfaceError, sqlite3.Error) as exc:
+        logger.warning('the database cannot be read at start, the workers will try again: %s',
+                       clip('%s: %s' % (type(exc).__name__, exc), 300))
+        return
+    finally:
+        if hasattr(database.obj, 'close_all'):  # no pooled connection may pass to forked workers
+            database.obj.close_all()
+    logger.info('beside WhiteNote: %s, %s', found.name, found.versions)
+
+
 # Made at import, before huey_consumer starts its workers: process workers share it too.
 _sweeps_started = multiprocessing.Value('b', 0)
 
@@ -3063,7 +3443,9 @@ def start_sweeps() -> None:
 
 # Command line.
 
-JOB_TASKS = {'auto-tag': auto_tag, 'sync-ragflow': sync_ragflow}
+JOB_TASKS = {'auto-tag': auto_tag, 'sync-ragflow': sync_ragflow,
+             'auto-tag-comment': auto_tag_comment, 'sync-ragflow-comment': sync_ragflow_comment}
+COMMENT_KINDS = (COMMENTS.auto_tag, COMMENTS.sync)  # jobs of the workspaces shape only
 BULK_PRIORITY = -10  # retry and retag: behind every job enqueued at the default, 0
 BATCH_SIZE = 500
 STATUS_BUCKETS = ('done', 'pending', 'running', 'failed', 'skipped', 'other')
@@ -3121,10 +3503,20 @@ def cmd_init_db(args: argparse.Namespace) -> int:
     return 0
 
 
+def message_row(message_id: str) -> Message | None:
+    """The message's columns that every shape has, or None."""
+    return (Message
+            .select(Message.id, Message.title, Message.content, Message.created_at, Message.author)
+            .where(Message.id == message_id)
+            .first())
+
+
 def cmd_enqueue(args: argparse.Namespace) -> int:
-    message = Message.get_or_none(Message.id == args.message_id)
+    message = message_row(args.message_id)
     if message is not None:
         user_id, note = message.author_id, ''
+        if user_id is None:  # a system message (workspaces): its workspace's owner
+            user_id = Message.content_of(message.id).owner_id or ''
     else:
         # Deleted: its job may still have something to undo, if it ever ran.
         state = JobState.get_or_none((JobState.kind == args.kind)
@@ -3144,7 +3536,8 @@ def _iso(when: datetime.datetime | None) -> str | None:
 
 def job_counts() -> dict[str, dict[str, int]]:
     """Per job kind, the states in each bucket (queued and retrying count as pending), in one query."""
-    counts = {kind: dict.fromkeys(STATUS_BUCKETS, 0) for kind in JOB_TASKS}
+    counts = {kind: dict.fromkeys(STATUS_BUCKETS, 0) for kind in JOB_TASKS
+              if models.shape().workspaces or kind not in COMMENT_KINDS}
     query = (JobState
              .select(JobState.kind, JobState.status, fn.COUNT(JobState.id))
              .group_by(JobState.kind, JobState.status)
@@ -3188,18 +3581,21 @@ def latest_failures(limit: int) -> list[dict]:
             .where(JobState.status == 'failed')
             .order_by(JobState.updated_at.desc(), JobState.id.desc())
             .limit(limit))
-    briefings = (Briefing
+    model = briefing_model()
+    briefings = (model
                  .select()
-                 .where(Briefing.status == 'failed')
-                 .order_by(Briefing.updated_at.desc(), Briefing.id.desc())
+                 .where(model.status == 'failed')
+                 .order_by(model.updated_at.desc(), model.id.desc())
                  .limit(limit))
     # What users, models and RAGFlow wrote goes out escaped (printable), for terminals.
     failures = [{'kind': printable(state.kind), 'message_id': printable(state.message_id),
-                 'day': None, 'user_id': printable(state.user_id), 'time': _iso(state.updated_at),
+                 'day': None, 'user_id': printable(state.user_id), 'workspace_id': None,
+                 'time': _iso(state.updated_at),
                  'error': None if state.last_error is None else printable(state.last_error),
                  'attempts': state.attempts} for state in jobs]
     failures += [{'kind': 'daily-briefing', 'message_id': None, 'day': row.day.isoformat(),
-                  'user_id': printable(row.user_id), 'time': _iso(row.updated_at),
+                  'user_id': None if row.user_id is None else printable(row.user_id),
+                  'workspace_id': getattr(row, 'workspace_id', None), 'time': _iso(row.updated_at),
                   'error': None if row.last_error is None else printable(row.last_error),
                   'attempts': row.attempts} for row in briefings]
     failures.sort(key=lambda failure: failure['time'] or '', reverse=True)
@@ -3210,10 +3606,11 @@ def briefing_counts(dispatch: dict | None) -> dict:
     """The last dispatch (the run "briefings"), and per local day of the last STATUS_DAYS,
     newest first, how many briefings are in each state (retrying counts as pending)."""
     since = local_now().date() - datetime.timedelta(days=STATUS_DAYS)
-    query = (Briefing
-             .select(Briefing.day, Briefing.status, fn.COUNT(Briefing.id))
-             .where(Briefing.day >= since)
-             .group_by(Briefing.day, Briefing.status)
+    model = briefing_model()
+    query = (model
+             .select(model.day, model.status, fn.COUNT(model.id))
+             .where(model.day >= since)
+             .group_by(model.day, model.status)
              .tuples())
     days: dict[datetime.date, dict[str, int]] = {}
     for day, status, number in query:
@@ -3266,6 +3663,7 @@ def print_status(report: dict) -> None:
             run['name'], run['outcome'], run['started_at'] or 'never',
             run['finished_at'] or 'never', '; ' + counts if counts else '',
             '; ' + run['detail'] if run['detail'] else ''))
+    print('\nbeside WhiteNote: %s, %s' % (models.shape().name, models.shape().versions))
 
 
 def print_briefings(briefings: dict) -> None:
@@ -3418,11 +3816,16 @@ def cmd_retag(args: argparse.Namespace) -> int:
     def batches():
         nonlocal turned_off
         for messages in walk(query, Message.id):
-            off = {config.user_id for config in AiConfig
-                   .select(AiConfig.user)
-                   .where(AiConfig.user.in_({message.author_id for message in messages})
-                          & (AiConfig.enable_auto_tag == False))}  # noqa: E712
-            wanted = [message for message in messages if message.author_id not in off]
+            if models.shape().workspaces:  # the workspace's switch; never a system message
+                found = models.contents('message', [message.id for message in messages])
+                wanted = [message for message in messages if message.id in found
+                          and found[message.id].auto_tag and found[message.id].tagger_id]
+            else:
+                off = {config.user_id for config in AiConfig
+                       .select(AiConfig.user)
+                       .where(AiConfig.user.in_({message.author_id for message in messages})
+                              & (AiConfig.enable_auto_tag == False))}  # noqa: E712
+                wanted = [message for message in messages if message.author_id not in off]
             turned_off += len(messages) - len(wanted)
             if wanted:
                 request_rerun('auto-tag', wanted, 'retag requested')
@@ -3472,7 +3875,7 @@ def cmd_note(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    message = Message.get_or_none(Message.id == args.message_id)
+    message = message_row(args.message_id)
     if message is None:
         print('no message with id %r' % args.message_id, file=sys.stderr)
         return 1
@@ -3496,6 +3899,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     print('tags: %s' % (', '.join('#' + printable(tag.name) for tag in tags) or 'none'))
     briefing = briefing_made_as(message)
     if briefing is not None:
+        if isinstance(briefing, WorkspaceBriefing):
+            who = 'workspace %s' % printable(briefing.workspace_id or '?')
         print('briefing: the daily briefing of %s for %s, %s' % (
             briefing.day, who, 'made by the worker (%s)' % printable(briefing.detail or '')
             if briefing.id else 'known by its title (the worker has no record of making it)'))
@@ -3512,6 +3917,11 @@ def cmd_show(args: argparse.Namespace) -> int:
 def briefing_made_as(message: Message) -> Briefing | None:
     """The briefing row whose message this is; an unsaved one (no id) for a message whose
     title names it a briefing the worker has no record of; None for any other message."""
+    if models.shape().workspaces:
+        row = WorkspaceBriefing.get_or_none(WorkspaceBriefing.message_id == message.id)
+        day = workspace_title_day(message.content) if row is None and message.author_id is None else None
+        workspace_id = getattr(Message.content_of(message.id), 'workspace_id', None)
+        return row or (WorkspaceBriefing(workspace_id=workspace_id, day=day) if day else None)
     row = Briefing.get_or_none((Briefing.user_id == message.author_id)
                                & (Briefing.message_id == message.id))
     if row is not None:
@@ -3554,6 +3964,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_briefing(args: argparse.Namespace) -> int:
     day = (args.date or local_now().date()) - datetime.timedelta(days=1)
+    if models.shape().workspaces:
+        return workspace_briefings_now(args, day)
+    if args.workspace is not None:
+        print('briefing: --workspace: this WhiteNote (%s) has no workspaces' % models.shape().name,
+              file=sys.stderr)
+        return 2
     if args.user is not None:
         user = find_user(args.user)
         if user is None:
@@ -3561,19 +3977,50 @@ def cmd_briefing(args: argparse.Namespace) -> int:
         user_ids = [user.id]
     else:
         user_ids = [user_id for user_id, _ in briefing_users()]
+    return briefings_now(day, user_ids, daily_briefing, Briefing, 'user')
+
+
+def briefings_now(day: datetime.date, subject_ids: list[str], task: TaskWrapper,
+                  model: type[Briefing], what: str) -> int:
+    """Make the briefings of ``day`` of these users (or workspaces) now, in this process,
+    printing each outcome; 1 if one failed."""
     failed = 0
-    for user_id in user_ids:
+    for subject_id in subject_ids:
         try:
-            outcome = daily_briefing.call_local(user_id, day, manual=True)
+            outcome = task.call_local(subject_id, day, manual=True)
         except JobFailed:
             outcome, failed = 'failed', failed + 1
-        row = Briefing.get((Briefing.user_id == user_id) & (Briefing.day == day))
-        print('briefing of %s for user %s: %s (%s%s)' % (
-            day, printable(user_id), outcome, row.status,
+        row = model.lookup(subject_id, day)
+        print('briefing of %s for %s %s: %s (%s%s)' % (
+            day, what, printable(subject_id), outcome, row.status,
             ''.join(': %s' % printable(text) for text in (row.message_id, row.detail, row.last_error) if text)))
-    if not user_ids:
-        print('no user has the briefing on')
+    if not subject_ids:
+        print('no %s has the briefing on' % what)
     return 1 if failed else 0
+
+
+def workspace_briefings_now(args: argparse.Namespace, day: datetime.date) -> int:
+    """``briefing`` with workspaces: the day's briefing of every workspace with the
+    briefing on, of the user's (--user), or of one workspace (--workspace), made now."""
+    user = None
+    if args.user is not None:
+        user = find_user(args.user)
+        if user is None:
+            return refuse('briefing', 'no user with id or email %r' % args.user)
+    if args.workspace is not None:
+        workspace = Workspace.get_or_none(Workspace.id == args.workspace)
+        if workspace is None or (user is not None and workspace.user_id != user.id):
+            return refuse('briefing', 'no workspace with id %r%s' % (
+                args.workspace, '' if user is None else ' of user %r' % args.user))
+        workspace_ids = [workspace.id]
+    else:
+        workspace_ids = [workspace_id for workspace_id, _ in models.briefing_workspaces()]
+        if user is not None:
+            owned = {workspace.id for workspace in Workspace
+                     .select(Workspace.id)
+                     .where(Workspace.user == user.id)}
+            workspace_ids = [workspace_id for workspace_id in workspace_ids if workspace_id in owned]
+    return briefings_now(day, workspace_ids, workspace_briefing, WorkspaceBriefing, 'workspace')
 class ProgressLine:
     """A progress report rewritten in place on one terminal line; silent off a terminal."""
 
@@ -3621,13 +4068,15 @@ def build_parser() -> argparse.ArgumentParser:
         handler=cmd_init_db)
     enqueue = commands.add_parser('enqueue', help='enqueue a job for a message now',
                                   epilog=EXIT_STATUSES)
-    enqueue.add_argument('kind', choices=sorted(JOB_TASKS))
+    enqueue.add_argument('kind', choices=sorted(set(JOB_TASKS) - set(COMMENT_KINDS)))
     enqueue.add_argument('message_id')
     enqueue.set_defaults(handler=cmd_enqueue)
     briefing = commands.add_parser(
         'briefing', help='make the daily briefings of the day before --date now (once per day)')
     briefing.add_argument('--user', type=user_option, metavar='ID|EMAIL',
                           help='only this user (default: every user with the briefing on)')
+    briefing.add_argument('--workspace', metavar='ID', help='only this workspace (WhiteNote with '
+                          'workspaces; default: every workspace with the briefing on)')
     briefing.add_argument('--date', type=briefing_date, metavar='YYYY-MM-DD',
                           help='the briefing of the day before this date (default: today, in '
                           "WHITENOTE_TIMEZONE; tomorrow's date makes today's so far)")
@@ -3700,7 +4149,13 @@ def main(argv: list[str] | None = None) -> int:
         with database.connection_context():
             if isinstance(database.obj, SqliteDatabase) and args.handler is not cmd_init_db:
                 models.create_tables()  # standalone: a fresh directory just works
+            if args.handler is not cmd_init_db:
+                models.detect_shape()
             return args.handler(args)
+    except models.UnknownShape as exc:
+        print('whitenote-huey: DATABASE_URL %s: %s' % (_hide_password(settings.database_url), exc),
+              file=sys.stderr)
+        return 1
     except (DatabaseError, InterfaceError, RedisError, sqlite3.Error) as exc:
         if isinstance(exc, RedisError):
             text = queue_error(exc)  # names REDIS_URL, without its password

@@ -55,19 +55,45 @@ def postgres_url():
     services.drop_test_database(url)
 
 
-@pytest.fixture(params=['sqlite', 'postgresql'])
-def db(request, tmp_path):
-    """The models bound to a clean database of each kind, holding the web app's tables."""
+def bind_clean_database(request, tmp_path, sqlite_schema: str, postgres_fixture: str):
+    """Bind the models to a clean database of the kind ``request.param`` names: a new SQLite
+    file made from ``sqlite_schema``, or the session's PostgreSQL database, emptied."""
     if request.param == 'sqlite':
         url = 'sqlite:///%s/whitenote.db' % tmp_path
         whitenote_huey.use_database(url)
-        services.create_webapp_tables(models.database)
+        services.create_webapp_tables(models.database, sqlite_schema)
     else:
-        url = request.getfixturevalue('postgres_url')
+        url = request.getfixturevalue(postgres_fixture)
         whitenote_huey.use_database(url)
         services.truncate_all(models.database)
     models.create_tables()
-    yield services.Database(request.param, url, models.database)
+    return services.Database(request.param, url, models.database)
+
+
+@pytest.fixture(params=['sqlite', 'postgresql'])
+def db(request, tmp_path):
+    """The models bound to a clean database of each kind, holding the web app's tables."""
+    yield bind_clean_database(request, tmp_path, services.SCHEMA_SQL, 'postgres_url')
+    models.database.close()
+
+
+@pytest.fixture(scope='session')
+def workspaces_postgres_url():
+    """A fresh PostgreSQL database for this session with WhiteNote's workspaces schema."""
+    services.require('postgresql', services.postgres_reachable())
+    url = services.create_test_database('_ws', services.WORKSPACES_SQL['postgresql'])
+    yield url
+    whitenote_huey.use_database(os.environ['DATABASE_URL'])
+    services.drop_test_database(url)
+
+
+@pytest.fixture(params=['sqlite', 'postgresql'])
+def wdb(request, tmp_path):
+    """As ``db``, on WhiteNote with workspaces (c39d8d0), as Prisma creates it on each."""
+    bound = bind_clean_database(request, tmp_path, services.WORKSPACES_SQL['sqlite'],
+                                'workspaces_postgres_url')
+    assert models.shape() is models.WORKSPACES
+    yield bound
     models.database.close()
 
 

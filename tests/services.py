@@ -17,6 +17,10 @@ REDIS_URL = os.environ.get('TEST_REDIS_URL', 'redis://127.0.0.1:6379/15')
 DATABASE_URL = os.environ.get('TEST_DATABASE_URL', 'postgresql://postgres@127.0.0.1:5432/test')
 REQUIRE = os.environ.get('WHITENOTE_REQUIRE_SERVICES') == '1'
 SCHEMA_SQL = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'whitenote-schema.sql')
+# WhiteNote with workspaces (c39d8d0), as Prisma creates it on each database.
+WORKSPACES_SQL = {kind: os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                     'whitenote-workspaces-%s.sql' % kind)
+                  for kind in ('postgresql', 'sqlite')}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 HOW_TO_ENABLE = {
@@ -78,7 +82,7 @@ def _admin(statement: str) -> None:
         conn.close()
 
 
-def create_test_database(suffix: str = '') -> str:
+def create_test_database(suffix: str = '', schema: str = SCHEMA_SQL) -> str:
     """A new database named for this process, with the web app's schema applied."""
     name = 'whitenote_test_%d%s' % (os.getpid(), suffix)
     _admin('DROP DATABASE IF EXISTS %s' % name)
@@ -87,7 +91,7 @@ def create_test_database(suffix: str = '') -> str:
     import psycopg2
     conn = psycopg2.connect(url)
     with conn, conn.cursor() as cursor:
-        cursor.execute(open(SCHEMA_SQL).read())
+        cursor.execute(open(schema).read())
     conn.close()
     return url
 
@@ -96,9 +100,9 @@ def drop_test_database(url: str) -> None:
     _admin('DROP DATABASE IF EXISTS %s WITH (FORCE)' % urlparse(url).path[1:])
 
 
-def create_webapp_tables(database) -> None:
+def create_webapp_tables(database, schema: str = SCHEMA_SQL) -> None:
     """The web app's tables, from its SQL, as it would have made them."""
-    database.connection().executescript(open(SCHEMA_SQL).read())
+    database.connection().executescript(open(schema).read())
 
 
 def truncate_all(database) -> None:
@@ -136,6 +140,52 @@ def ragflow_config(fake, api_key: str | None = None, **extra) -> dict:
     api_key = api_key or 'ragflow-key-%d' % time.monotonic_ns()
     return dict(ragflow_base_url=fake.url, ragflow_api_key=api_key,
                 ragflow_dataset_id=fake.add_dataset(api_key), **extra)
+
+
+def make_workspace(user, name: str = 'Notes', is_default: bool = False, dataset_id: str | None = None,
+                   auto_tag: bool = True, briefing: bool = True):
+    """A workspace of ``user`` (workspaces shape)."""
+    from models import Workspace
+    return Workspace.create(user=user, name=name, is_default=is_default, ragflow_dataset_id=dataset_id,
+                            enable_auto_tag=auto_tag, enable_briefing=briefing)
+
+
+def add_ai_config(user, **columns) -> None:
+    """An AiConfig row of the workspaces shape, with these columns ("openaiApiKey": ...)
+    and the web app's defaults for the others."""
+    import models
+    columns = {'id': models.new_id(), 'userId': user.id, 'updatedAt': models.utcnow(), **columns}
+    models.database.execute_sql(models.sql('INSERT INTO "AiConfig" (%s) VALUES (%s)' % (
+        ', '.join('"%s"' % name for name in columns), models.placeholders(len(columns)))),
+        list(columns.values()))
+
+
+def make_ws_message(user, content: str, workspace=None, created_at: datetime.datetime | None = None):
+    """A message in ``workspace`` (None: in none) by ``user`` (None: a system message),
+    as the web app of the workspaces shape writes it; its id."""
+    import models
+    created_at = created_at or models.utcnow()
+    message_id = models.new_id()
+    models.database.execute_sql(models.sql(
+        'INSERT INTO "Message" ("id", "content", "createdAt", "updatedAt", "authorId", "workspaceId") '
+        'VALUES (?, ?, ?, ?, ?, ?)'), (message_id, content, created_at, created_at,
+                                       user.id if user else None, workspace.id if workspace else None))
+    return ws_message(message_id)
+
+
+def ws_message(message_id: str):
+    """A message of the workspaces shape: the columns the models map there."""
+    from models import Message
+    return (Message
+            .select(*[field for field in Message._meta.sorted_fields if field.name != 'parent'])
+            .where(Message.id == message_id)
+            .first())
+
+
+def move_message(message, workspace) -> None:
+    import models
+    models.database.execute_sql(models.sql('UPDATE "Message" SET "workspaceId" = ? WHERE "id" = ?'),
+                                (workspace.id if workspace else None, message.id))
 
 
 def make_message(user, content: str, created_at: datetime.datetime | None = None, **fields):

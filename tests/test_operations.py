@@ -94,7 +94,7 @@ def test_status_json_counts_every_kind_in_one_table(model, capsys):
         'sync-ragflow': {'done': 1, 'pending': 1, 'running': 0, 'failed': 0, 'skipped': 0, 'other': 1},
     }
     [failure] = report['failures']
-    assert set(failure) == {'kind', 'message_id', 'day', 'user_id', 'time', 'error', 'attempts'}
+    assert set(failure) == {'kind', 'message_id', 'day', 'user_id', 'workspace_id', 'time', 'error', 'attempts'}
     assert (failure['kind'], failure['message_id'], failure['attempts']) == ('auto-tag', bad.id, 1)
     assert 'no JSON list' in failure['error'] and failure['time'].endswith('Z')
     assert report['oldest_pending_seconds'] >= 0

@@ -356,7 +356,10 @@ def test_enqueue_message_jobs_adds_the_sync_when_ragflow_is_configured(ragflow):
     assert jobs(both.id, make_message(both, 'a').id) == ['auto-tag', 'sync-ragflow']
     assert jobs(sync_only.id, make_message(sync_only, 'b').id) == ['sync-ragflow']
     assert jobs(neither.id, make_message(neither, 'c').id) == ['auto-tag']
-    assert len(whitenote_huey.huey) == 4
+    # auto-tag enqueues the sync when it ends, so a note with both is uploaded once, tagged.
+    assert len(whitenote_huey.huey) == 3
+    assert drain(whitenote_huey.huey) == 4
+    assert len([r for r in ragflow.requests if r.files]) == 2
 
 
 def test_auto_tag_changing_the_tags_syncs_the_tags(ragflow):
@@ -367,10 +370,12 @@ def test_auto_tag_changing_the_tags_syncs_the_tags(ragflow):
     whitenote_huey.auto_tag(user.id, message.id)
     assert drain(whitenote_huey.huey) == 2
     assert [d['content'] for d in ragflow.documents(ds)] == ['#travel\n\nTrip notes #travel']
-    # An edit that leaves the tags as they were enqueues no sync from auto-tag.
+    # An edit that leaves the tags as they were: the sync follows auto-tag all the same,
+    # since it is the edit's only way to RAGFlow.
     edit(message, 'More trip notes #travel')
     whitenote_huey.auto_tag(user.id, message.id)
-    assert drain(whitenote_huey.huey) == 1
+    assert drain(whitenote_huey.huey) == 2
+    assert [d['content'] for d in ragflow.documents(ds)] == ['#travel\n\nMore trip notes #travel']
     # Nor does a tag change for a user without RAGFlow.
     other = make_user(config={})
     whitenote_huey.auto_tag(other.id, make_message(other, 'plain #cooking').id)
