@@ -3,7 +3,9 @@
 The web app (Prisma on PostgreSQL) owns "User", "AiConfig", "Message", "Tag",
 "MessageTag" and "MessageVersion": quoted PascalCase tables, camelCase columns,
 text ids, naive UTC timestamps.  The worker reads and writes their rows but never
-changes their shape; its own state lives in tables prefixed ``whitenote_huey_``.
+changes their shape.  Its own state lives out of the web app's sight, in tables named
+``whitenote_huey_*`` in a schema of their own, "whitenote_huey": a PostgreSQL schema,
+or on SQLite a file beside the app's, attached to each connection under that name.
 """
 import datetime
 import functools
@@ -13,6 +15,7 @@ import secrets
 import threading
 import time
 
+from peewee import AutoField
 from peewee import BooleanField
 from peewee import CompositeKey
 from peewee import DatabaseProxy
@@ -21,9 +24,18 @@ from peewee import DateTimeField
 from peewee import ForeignKeyField
 from peewee import IntegerField
 from peewee import Model
+from peewee import PostgresqlDatabase
 from peewee import TextField
 
 database = DatabaseProxy()
+
+# Where the worker's own tables live, and their names as hand-written SQL must write
+# them (qualified, so that the web app's schema never resolves them).
+WORKER_SCHEMA = 'whitenote_huey'
+JOB_TABLE = '"whitenote_huey"."whitenote_huey_job"'
+BRIEFING_TABLE = '"whitenote_huey"."whitenote_huey_briefing"'
+RUN_TABLE = '"whitenote_huey"."whitenote_huey_run"'
+SWEEP_TABLE = '"whitenote_huey"."whitenote_huey_sweep"'
 
 
 def utcnow() -> datetime.datetime:
@@ -91,9 +103,9 @@ def like_prefix(text: str) -> str:
 @functools.cache
 def upsert_sql(table: str, columns: tuple[str, ...], conflict: tuple[str, ...],
                updated: tuple[str, ...], param: str) -> str:
-    """INSERT of ``columns`` that, when a row with the same ``conflict`` columns exists,
-    sets its ``updated`` columns instead."""
-    return 'INSERT INTO "%s" (%s) VALUES (%s) ON CONFLICT (%s) DO UPDATE SET %s' % (
+    """INSERT into ``table`` (a name as SQL writes it) of ``columns`` that, when a row with
+    the same ``conflict`` columns exists, sets its ``updated`` columns instead."""
+    return 'INSERT INTO %s (%s) VALUES (%s) ON CONFLICT (%s) DO UPDATE SET %s' % (
         table, ', '.join('"%s"' % name for name in columns), ', '.join([param] * len(columns)),
         ', '.join('"%s"' % name for name in conflict),
         ', '.join('"%s" = excluded."%s"' % (name, name) for name in updated))
@@ -101,8 +113,9 @@ def upsert_sql(table: str, columns: tuple[str, ...], conflict: tuple[str, ...],
 
 @functools.cache
 def update_sql(table: str, columns: tuple[str, ...], where: tuple[str, ...], param: str) -> str:
-    """UPDATE setting ``columns`` of the rows whose ``where`` columns equal the values given."""
-    return 'UPDATE "%s" SET %s WHERE %s' % (
+    """UPDATE of ``table`` (a name as SQL writes it) setting ``columns`` of the rows whose
+    ``where`` columns equal the values given."""
+    return 'UPDATE %s SET %s WHERE %s' % (
         table, ', '.join('"%s" = %s' % (name, param) for name in columns),
         ' AND '.join('"%s" = %s' % (name, param) for name in where))
 
@@ -399,6 +412,7 @@ class JobState(BaseModel):
 
     class Meta:
         table_name = 'whitenote_huey_job'
+        schema = WORKER_SCHEMA
         indexes = ((('kind', 'message_id'), True),)
 
     @property
@@ -408,8 +422,8 @@ class JobState(BaseModel):
     @classmethod
     def lookup(cls, kind: str, message_id: str, user_id: str) -> 'JobState':
         """The state row for this job, or a new unsaved one: one read, no write."""
-        for state in cls.raw(sql('SELECT * FROM "whitenote_huey_job" '
-                                 'WHERE "kind" = ? AND "message_id" = ?'), kind, message_id):
+        for state in cls.raw(sql('SELECT * FROM %s WHERE "kind" = ? AND "message_id" = ?'
+                                 % JOB_TABLE), kind, message_id):
             return state
         return cls(kind=kind, message_id=message_id, user_id=user_id)
 
@@ -421,24 +435,24 @@ class JobState(BaseModel):
         statement, so two workers on one message cannot both proceed.  ``exists``: the
         row was read, so a plain UPDATE does (an upsert takes a number of the id
         sequence on PostgreSQL each time, even when the row is there)."""
-        free = ('"whitenote_huey_job"."status" != \'running\' '
-                'OR "whitenote_huey_job"."lease_until" IS NULL '
-                'OR "whitenote_huey_job"."lease_until" <= ?')
+        free = ('"job"."status" != \'running\' '
+                'OR "job"."lease_until" IS NULL '
+                'OR "job"."lease_until" <= ?')
         if exists:
-            statement = ('UPDATE "whitenote_huey_job" SET "status" = \'running\', "content_hash" = ?, '
+            statement = ('UPDATE %s AS "job" SET "status" = \'running\', "content_hash" = ?, '
                          '"attempts" = "attempts" + 1, "lease_until" = ?, "updated_at" = ? '
-                         'WHERE "kind" = ? AND "message_id" = ? AND (%s)' % free)
+                         'WHERE "kind" = ? AND "message_id" = ? AND (%s)' % (JOB_TABLE, free))
             params = (input_hash, lease_until, now, kind, message_id, now)
         else:
             statement = (
-                'INSERT INTO "whitenote_huey_job" ("kind", "message_id", "user_id", "status", '
+                'INSERT INTO %s AS "job" ("kind", "message_id", "user_id", "status", '
                 '"content_hash", "attempts", "tags_added", "lease_until", "created_at", "updated_at") '
                 "VALUES (?, ?, ?, 'running', ?, 1, '[]', ?, ?, ?) "
                 'ON CONFLICT ("kind", "message_id") DO UPDATE SET '
                 '"status" = excluded."status", "content_hash" = excluded."content_hash", '
-                '"attempts" = "whitenote_huey_job"."attempts" + 1, '
+                '"attempts" = "job"."attempts" + 1, '
                 '"lease_until" = excluded."lease_until", "updated_at" = excluded."updated_at" '
-                'WHERE %s' % free)
+                'WHERE %s' % (JOB_TABLE, free))
             params = (kind, message_id, user_id, input_hash, lease_until, now, now, now)
         return database.execute_sql(sql(statement), params).rowcount == 1
 
@@ -447,7 +461,7 @@ class JobState(BaseModel):
         """Set these columns of the job's row (``updated_at`` among them): an UPDATE when
         the row ``exists``, else one statement that makes it if it is still missing.
         Returns the number of rows written."""
-        table = cls._meta.table_name
+        table = JOB_TABLE
         if exists:
             statement = update_sql(table, tuple(fields), ('kind', 'message_id'), database.param)
             return database.execute_sql(statement, (*fields.values(), kind, message_id)).rowcount
@@ -482,13 +496,14 @@ class Briefing(BaseModel):
 
     class Meta:
         table_name = 'whitenote_huey_briefing'
+        schema = WORKER_SCHEMA
         indexes = ((('user_id', 'day'), True),)
 
     @classmethod
     def lookup(cls, user_id: str, day: datetime.date) -> 'Briefing':
         """The row for this user and day, or a new unsaved one: one read, no write."""
-        for row in cls.raw(sql('SELECT * FROM "whitenote_huey_briefing" '
-                               'WHERE "user_id" = ? AND "day" = ?'), user_id, day):
+        for row in cls.raw(sql('SELECT * FROM %s WHERE "user_id" = ? AND "day" = ?'
+                               % BRIEFING_TABLE), user_id, day):
             return row
         return cls(user_id=user_id, day=day)
 
@@ -499,23 +514,23 @@ class Briefing(BaseModel):
         running under a lease that ran out.  One atomic statement: of two runs at once,
         one proceeds."""
         cursor = database.execute_sql(sql(
-            'INSERT INTO "whitenote_huey_briefing" ("user_id", "day", "status", "owner", '
+            'INSERT INTO %s AS "briefing" ("user_id", "day", "status", "owner", '
             '"attempts", "lease_until", "created_at", "updated_at") '
             "VALUES (?, ?, 'running', ?, 1, ?, ?, ?) "
             'ON CONFLICT ("user_id", "day") DO UPDATE SET '
             '"status" = excluded."status", "owner" = excluded."owner", '
-            '"attempts" = "whitenote_huey_briefing"."attempts" + 1, '
+            '"attempts" = "briefing"."attempts" + 1, '
             '"lease_until" = excluded."lease_until", "updated_at" = excluded."updated_at" '
-            'WHERE "whitenote_huey_briefing"."status" IN (%s) '
-            'OR ("whitenote_huey_briefing"."status" = \'running\' '
-            'AND "whitenote_huey_briefing"."lease_until" < ?)' % placeholders(len(statuses))),
+            'WHERE "briefing"."status" IN (%s) '
+            'OR ("briefing"."status" = \'running\' '
+            'AND "briefing"."lease_until" < ?)' % (BRIEFING_TABLE, placeholders(len(statuses)))),
             (user_id, day, owner, lease_until, now, now, *statuses, now))
         return cursor.rowcount == 1
 
     @classmethod
     def write(cls, user_id: str, day: datetime.date, owner: str, **fields) -> int:
         """Set these columns of the day's row while ``owner`` holds it; 0 once it does not."""
-        statement = update_sql(cls._meta.table_name, tuple(fields), ('user_id', 'day', 'owner'),
+        statement = update_sql(BRIEFING_TABLE, tuple(fields), ('user_id', 'day', 'owner'),
                                database.param)
         return database.execute_sql(statement, (*fields.values(), user_id, day, owner)).rowcount
 
@@ -534,6 +549,7 @@ class WorkerRun(BaseModel):
 
     class Meta:
         table_name = 'whitenote_huey_run'
+        schema = WORKER_SCHEMA
 
 
 class SweepCursor(BaseModel):
@@ -544,19 +560,37 @@ class SweepCursor(BaseModel):
 
     class Meta:
         table_name = 'whitenote_huey_sweep'
+        schema = WORKER_SCHEMA
 
 
 WORKER_MODELS = (JobState, Briefing, WorkerRun, SweepCursor)
 
 
+TABLES_LOCK = 0x7768_6e5f_7462  # pg_advisory_xact_lock key: consumers starting together take turns
+
+
 def create_tables() -> list[str]:
     """Create what is missing: a web-app table only if absent, the worker's own always.
+    Returns the names of the tables made.
 
     On a WhiteNote database this touches nothing of the web app's; on an empty one
-    it creates the web app's tables as the web app would have.
+    it creates the web app's tables as the web app would have.  The worker's tables go
+    in its own schema; those an earlier version left in the web app's schema (or, on
+    SQLite, in the app's file) are moved there first, rows and all.  On PostgreSQL one
+    creator at a time holds an advisory lock: CREATE ... IF NOT EXISTS run by several
+    sessions at once can still collide ("pg_type_typname_nsp_index"); on SQLite the
+    transaction's write lock does the same.
     """
     created = []
+    postgres = isinstance(database.obj, PostgresqlDatabase)
     with database.atomic():
+        app_schema = 'main'  # SQLite: the app's file
+        if postgres:
+            database.execute_sql('SELECT pg_advisory_xact_lock(%s)', (TABLES_LOCK,))
+            if not database.execute_sql('SELECT 1 FROM pg_namespace WHERE nspname = %s',
+                                        (WORKER_SCHEMA,)).fetchone():
+                database.execute_sql('CREATE SCHEMA "%s"' % WORKER_SCHEMA)
+            app_schema = database.execute_sql('SELECT current_schema()').fetchone()[0]
         for model in WEBAPP_MODELS:
             table = model._meta.table_name
             if not database.table_exists(table):
@@ -564,7 +598,30 @@ def create_tables() -> list[str]:
                     database.execute_sql(statement)
                 created.append(table)
         for model in WORKER_MODELS:
-            if not database.table_exists(model._meta.table_name):
-                created.append(model._meta.table_name)
+            name = model._meta.table_name
+            exists = database.table_exists(name, schema=WORKER_SCHEMA)
+            if app_schema not in (None, WORKER_SCHEMA) and database.table_exists(name, app_schema):
+                _move_table(model, app_schema, whole=postgres and not exists)
+            elif not exists:
+                created.append(name)
         database.create_tables(WORKER_MODELS, safe=True)
     return created
+
+
+def _move_table(model: type[Model], schema: str, whole: bool) -> None:
+    """Move a worker table from ``schema``, the web app's (PostgreSQL) or its file
+    ("main" on SQLite), into the worker's own, losing no row.  ``whole``: on PostgreSQL, with no table of that
+    name there yet, the table moves as it is (indexes, sequence, owner).  Otherwise its
+    rows are copied over (a row whose key is there already stays as it is, the copy
+    being older) and the old table dropped."""
+    name = model._meta.table_name
+    source = '"%s"."%s"' % (schema.replace('"', '""'), name)
+    if whole:
+        database.execute_sql('ALTER TABLE %s SET SCHEMA "%s"' % (source, WORKER_SCHEMA))
+        return
+    database.create_tables([model], safe=True)
+    columns = ', '.join('"%s"' % field.column_name for field in model._meta.sorted_fields
+                        if not isinstance(field, AutoField))
+    database.execute_sql('INSERT INTO "%s"."%s" (%s) SELECT %s FROM %s ON CONFLICT DO NOTHING'
+                         % (WORKER_SCHEMA, name, columns, columns, source))
+    database.execute_sql('DROP TABLE %s' % source)

@@ -9,6 +9,7 @@ Run the consumer with ``huey_consumer whitenote_huey.huey`` (or ``./run_consumer
 enqueue by calling a task, e.g. ``auto_tag(user_id, message_id)``.
 """
 import argparse
+import base64
 import contextlib
 import copy
 import dataclasses
@@ -33,8 +34,10 @@ import unicodedata
 from collections.abc import Callable
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl
 from urllib.parse import quote
 from urllib.parse import unquote
+from urllib.parse import urlencode
 from urllib.parse import urlparse
 from zoneinfo import ZoneInfo
 from zoneinfo import ZoneInfoNotFoundError
@@ -66,6 +69,7 @@ from redis import ConnectionPool
 from redis import RedisError
 
 import models
+from models import WORKER_SCHEMA
 from models import AiConfig
 from models import Briefing
 from models import JobState
@@ -126,17 +130,49 @@ class Settings:
     metrics_port: int
     metrics_addr: str
     url_policy: str = 'any'
+    bullmq_queue: str = ''
+    # ENCRYPTION_KEY, else AUTH_SECRET, else NEXTAUTH_SECRET: what the web app encrypts keys with.
+    encryption_secret: str = dataclasses.field(default='', repr=False)
+    encryption_setting: str = 'ENCRYPTION_KEY'
 
     @property
     def data_dir(self) -> str:
         """Where embedded files live: beside a SQLite database, else the working directory."""
-        if self.database_url.startswith('sqlite'):
+        if is_sqlite(self.database_url):
             return os.path.dirname(os.path.abspath(sqlite_path(self.database_url)))
         return os.getcwd()
 
 
+def is_sqlite(url: str) -> bool:
+    return url.startswith(('sqlite:', 'file:'))
+
+
 def sqlite_path(url: str) -> str:
-    return urlparse(url).path[1:] or 'whitenote.db'
+    """The file a SQLite URL names: ``sqlite:///whitenote.db``, or Prisma's
+    ``file:./data/whitenote.db``, relative to the working directory as Prisma's adapter
+    reads it (its parameters, such as ``?connection_limit=1``, ignored)."""
+    parsed = urlparse(url)
+    if parsed.scheme == 'file':
+        return unquote(parsed.path) or 'whitenote.db'
+    return parsed.path[1:] or 'whitenote.db'
+
+
+# Parameters of Prisma's PostgreSQL URL that are Prisma's own: libpq refuses them.
+PRISMA_ONLY_PARAMS = frozenset((
+    'schema', 'connection_limit', 'pool_timeout', 'pgbouncer', 'socket_timeout',
+    'statement_cache_size', 'sslidentity', 'sslpassword', 'sslaccept',
+    'max_connection_lifetime', 'max_idle_connection_lifetime'))
+_SCHEMA_NAME = re.compile(r'[A-Za-z_][A-Za-z0-9_$-]{0,62}')
+
+
+def postgres_url_parts(url: str) -> tuple[str, str]:
+    """A PostgreSQL URL as libpq takes it (Prisma's own parameters left out, ``sslmode``
+    and the other libpq ones kept), and the web app's schema from ``?schema=`` ('' if none)."""
+    parsed = urlparse(url)
+    pairs = parse_qsl(parsed.query, keep_blank_values=True)
+    schema = next((value for name, value in reversed(pairs) if name == 'schema'), '')
+    kept = [(name, value) for name, value in pairs if name not in PRISMA_ONLY_PARAMS]
+    return parsed._replace(query=urlencode(kept)).geturl(), schema
 
 
 def _url(env: dict, name: str, schemes: tuple, default: str = '') -> str:
@@ -147,13 +183,35 @@ def _url(env: dict, name: str, schemes: tuple, default: str = '') -> str:
     if parsed.scheme not in schemes:
         raise SettingsError('%s: %r is not a URL with scheme %s'
                             % (name, _hide_password(value), ' or '.join(schemes)))
-    if parsed.scheme not in ('sqlite', 'unix') and not parsed.hostname:
+    if parsed.scheme not in ('sqlite', 'file', 'unix') and not parsed.hostname:
         raise SettingsError('%s: %r has no host' % (name, _hide_password(value)))
     try:
         parsed.port  # noqa: B018 - raises on a port out of range
     except ValueError as exc:
         raise SettingsError('%s: %s' % (name, exc)) from None
     return value
+
+
+def _database_url(env: dict) -> str:
+    url = _url(env, 'DATABASE_URL', ('postgresql', 'postgres', 'sqlite', 'file'),
+               'sqlite:///whitenote.db')
+    if not is_sqlite(url):
+        schema = postgres_url_parts(url)[1]
+        if schema and not _SCHEMA_NAME.fullmatch(schema):
+            raise SettingsError('DATABASE_URL: schema %r is not a PostgreSQL schema name '
+                                '(letters, digits, _, $ or -, at most 63)' % schema[:80])
+        if schema == WORKER_SCHEMA:
+            raise SettingsError('DATABASE_URL: schema %r is the worker\'s own; name the web '
+                                'app\'s schema (usually public)' % schema)
+    return url
+
+
+def _bullmq_queue(env: dict) -> str:
+    name = env.get('BULLMQ_QUEUE', 'whitenote-tasks').strip()
+    if name and not re.fullmatch(r'[A-Za-z0-9_.\-]{1,100}', name):
+        raise SettingsError('BULLMQ_QUEUE: %r is not 1-100 letters, digits, _, . or -, '
+                            'nor empty (off)' % name[:120])
+    return name
 
 
 def _queue_name(env: dict) -> str:
@@ -211,25 +269,28 @@ def load_settings(env: dict | None = None) -> Settings:
                             % (env.get('WHITENOTE_URL_POLICY'), ' or '.join(URL_POLICIES)))
     ragflow_api_key = env.get('RAGFLOW_API_KEY', '').strip()
     ragflow_dataset_id = env.get('RAGFLOW_DATASET_ID', '').strip()
-    if ragflow_api_key and not ragflow_dataset_id:
-        raise SettingsError('RAGFLOW_DATASET_ID: must be set too when RAGFLOW_API_KEY is')
+    # The web app's .env may hold RAGFLOW_API_KEY alone (it seeds new users' settings
+    # with it): with no dataset there is no environment's dataset, and no error.
     if ragflow_dataset_id and not ragflow_api_key:
         raise SettingsError('RAGFLOW_API_KEY: must be set too when RAGFLOW_DATASET_ID is')
     log_format = (env.get('LOG_FORMAT', '').strip() or 'text').lower()
     if log_format not in ('text', 'json'):
         raise SettingsError('LOG_FORMAT: %r is not text or json' % log_format)
+    # As the web app's src/lib/crypto.ts picks it: the first one set and not empty.
+    encryption_setting = next((name for name in ENCRYPTION_SETTINGS if env.get(name)),
+                              ENCRYPTION_SETTINGS[0])
+    model = env.get('OPENAI_MODEL', '').strip() or 'gpt-3.5-turbo'
     return Settings(
-        database_url=_url(env, 'DATABASE_URL', ('postgresql', 'postgres', 'sqlite'),
-                          'sqlite:///whitenote.db'),
+        database_url=_database_url(env),
         redis_url=_url(env, 'REDIS_URL', ('redis', 'rediss', 'unix')),
         openai_api_key=env.get('OPENAI_API_KEY', '').strip(),
         openai_base_url=_url(env, 'OPENAI_BASE_URL', ('http', 'https'),
                              'https://api.openai.com'),
-        auto_tag_model=env.get('AUTO_TAG_MODEL', '').strip() or 'gpt-3.5-turbo',
+        auto_tag_model=env.get('AUTO_TAG_MODEL', '').strip() or model,
         ragflow_base_url=_url(env, 'RAGFLOW_BASE_URL', ('http', 'https'), 'http://localhost:4154'),
         ragflow_api_key=ragflow_api_key,
         ragflow_dataset_id=ragflow_dataset_id,
-        briefing_model=env.get('BRIEFING_MODEL', '').strip() or 'gpt-3.5-turbo',
+        briefing_model=env.get('BRIEFING_MODEL', '').strip() or model,
         briefing_max_chars=_int(env, 'BRIEFING_MAX_CHARS', 12000),
         timezone=timezone,
         secret=env.get('WHITENOTE_SECRET', '').strip(),
@@ -247,11 +308,32 @@ def load_settings(env: dict | None = None) -> Settings:
         metrics_port=_port(env, 'METRICS_PORT'),
         metrics_addr=env.get('METRICS_ADDR', '').strip() or '127.0.0.1',
         url_policy=url_policy,
+        bullmq_queue=_bullmq_queue(env),
+        encryption_secret=env.get(encryption_setting) or '',
+        encryption_setting=encryption_setting,
     )
 
 
-load_dotenv(os.path.join(os.getcwd(), '.env'), override=False)
+ENCRYPTION_SETTINGS = ('ENCRYPTION_KEY', 'AUTH_SECRET', 'NEXTAUTH_SECRET')
+
+
+def read_env_files() -> None:
+    """The worker's own ``.env`` in the working directory, then the web app's
+    (WHITENOTE_ENV_FILE); the environment wins over both, the worker's file over the web app's."""
+    load_dotenv(os.path.join(os.getcwd(), '.env'), override=False)
+    path = os.environ.get('WHITENOTE_ENV_FILE', '').strip()
+    if path:
+        if not os.path.isfile(path):
+            raise SettingsError('WHITENOTE_ENV_FILE: %r is not a file (the web app\'s .env, '
+                                'e.g. /opt/whitenote/.env)' % path)
+        try:
+            load_dotenv(path, override=False)
+        except OSError as exc:
+            raise SettingsError('WHITENOTE_ENV_FILE: %r cannot be read: %s' % (path, exc)) from None
+
+
 try:
+    read_env_files()
     settings = load_settings()
 except SettingsError as exc:
     raise SystemExit('whitenote-huey: bad setting: %s' % exc) from None
@@ -287,20 +369,48 @@ def log_formatter(config: Settings) -> logging.Formatter:
 
 # Database.
 
+class WorkerSqliteDatabase(SqliteDatabase):
+    """The app's SQLite file, with the worker's own file beside it, ``whitenote-huey.db``,
+    ATTACHed to every connection as "whitenote_huey": the worker's tables go there, and
+    the same schema-qualified names as on PostgreSQL reach them.
+
+    Neither file's journal mode is set here.  The app's file keeps the mode its owner
+    chose; the worker's own file keeps SQLite's rollback journal, so a transaction that
+    writes both files (a briefing's message and its row) is atomic across them when the
+    app's file is in rollback mode too, and when it is in WAL the app's file commits
+    first: a crash in between leaves the message without the row, which the next run
+    finds by its title, never a row that names a message that is not there.
+    """
+
+    def __init__(self, path: str, **options):
+        self.state_path = os.path.join(os.path.dirname(os.path.abspath(path)), STATE_FILE)
+        super().__init__(path, **options)
+
+    def _add_conn_hooks(self, conn: sqlite3.Connection) -> None:
+        conn.execute('ATTACH DATABASE ? AS "%s"' % WORKER_SCHEMA, (self.state_path,))
+        super()._add_conn_hooks(conn)
+
+
+STATE_FILE = 'whitenote-huey.db'
+
+
 def connect_database(url: str) -> SqliteDatabase | PostgresqlDatabase:
-    """A SQLite file (WAL, waits on locks) or a pooled PostgreSQL connection.
+    """A SQLite file (waits on locks) with the worker's own beside it, or a pooled
+    PostgreSQL connection whose search_path is the web app's ``?schema=``.
 
     SQLite transactions take the write lock when they begin: one that read first and
     wrote later would fail at once ("database is locked") under a concurrent writer.
     """
-    if url.startswith('sqlite'):
-        # Transactions take the write lock at BEGIN: a reader that later writes would
-        # otherwise fail at once with "database is locked" instead of waiting.
-        return SqliteDatabase(sqlite_path(url), lock_type='IMMEDIATE', pragmas={
-            'journal_mode': 'wal', 'busy_timeout': 10000, 'foreign_keys': 1})
+    if is_sqlite(url):
+        return WorkerSqliteDatabase(sqlite_path(url), lock_type='IMMEDIATE', pragmas={
+            'busy_timeout': 10000, 'foreign_keys': 1})
     if 'gevent.monkey' in sys.modules and sys.modules['gevent.monkey'].is_module_patched('socket'):
         psycopg2.extensions.set_wait_callback(_gevent_wait)
+    url, schema = postgres_url_parts(url)
     params = parse_db_url(url, unquote_password=True, unquote_user=True)
+    if schema:
+        # The web app's tables are named without a schema in the worker's SQL.
+        params['options'] = ('%s -c search_path="%s"' % (params.get('options', ''), schema)).strip()
     return PooledPostgresqlDatabase(params.pop('database'), max_connections=64,
                                     stale_timeout=300, timeout=30, **params)
 
@@ -886,6 +996,55 @@ def redirect_refused(what: str, status: int, location: str | None, setting: str)
                                                        redact(location or '(nowhere)')[:200], setting))
 
 
+# Keys the web app stores encrypted.
+
+# The web app's src/lib/crypto.ts: base64 of salt (64 bytes, unused), IV (16), GCM tag
+# (16) and the ciphertext, under PBKDF2-SHA256(secret, 'salt', 100,000 iterations).
+_SALT_BYTES, _IV_BYTES, _TAG_BYTES = 64, 16, 16
+_CIPHERTEXT_BYTES = _SALT_BYTES + _IV_BYTES + _TAG_BYTES + 1
+_BASE64 = re.compile(r'(?:[A-Za-z0-9+/]{4})+(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?')
+
+
+@functools.lru_cache(maxsize=4)
+def encryption_key(secret: str) -> bytes:
+    """The AES key derived from the web app's secret: once per process (tens of ms)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
+    return PBKDF2HMAC(hashes.SHA256(), 32, b'salt', 100_000).derive(secret.encode('utf-8'))
+
+
+def decrypt_key(value: str, setting: str) -> str:
+    """A key as the web app stored it in ``setting`` (e.g. AiConfig.openaiApiKey), usable.
+
+    Strict base64 of at least 97 bytes is the web app's ciphertext and is decrypted; any
+    other value is a key stored before encryption, used as it is.  Ciphertext that does
+    not decrypt raises PermanentError naming ENCRYPTION_KEY: it is never sent as a key.
+    No error holds key material.
+    """
+    value = value.strip()
+    if len(value) < 4 * -(-_CIPHERTEXT_BYTES // 3) or not _BASE64.fullmatch(value):
+        return value
+    raw = base64.b64decode(value)
+    if base64.b64encode(raw).decode('ascii') != value:  # padding bits set: not canonical
+        return value
+    source = settings.encryption_setting
+    if not settings.encryption_secret:
+        raise PermanentError('%s is encrypted by the web app, but none of %s is set: set '
+                             'ENCRYPTION_KEY to the web app\'s' % (setting, ', '.join(ENCRYPTION_SETTINGS)))
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    iv = raw[_SALT_BYTES:_SALT_BYTES + _IV_BYTES]
+    tag = raw[_SALT_BYTES + _IV_BYTES:_CIPHERTEXT_BYTES - 1]
+    try:
+        plain = AESGCM(encryption_key(settings.encryption_secret)).decrypt(
+            iv, raw[_CIPHERTEXT_BYTES - 1:] + tag, None)
+    except InvalidTag:
+        where = '' if source == 'ENCRYPTION_KEY' else ' (taken from %s: ENCRYPTION_KEY is unset)' % source
+        raise PermanentError('%s does not decrypt with the key of ENCRYPTION_KEY%s: set '
+                             'ENCRYPTION_KEY to the web app\'s' % (setting, where)) from None
+    return plain.decode('utf-8', 'replace')
+
+
 # The model client.
 
 @dataclasses.dataclass(frozen=True)
@@ -899,9 +1058,10 @@ class ModelSettings:
 def model_settings(config: AiConfig, model: str, env_model: str) -> ModelSettings | None:
     """The user's endpoint and ``model`` if they have a key, else the environment's
     endpoint and ``env_model``, else None (offline)."""
-    if config.openai_api_key:
+    if config.openai_api_key.strip():
         return ModelSettings(outbound_url(config.openai_base_url, 'AiConfig.openaiBaseUrl'),
-                             config.openai_api_key, model, 'AiConfig.openaiBaseUrl')
+                             decrypt_key(config.openai_api_key, 'AiConfig.openaiApiKey'), model,
+                             'AiConfig.openaiBaseUrl')
     if settings.openai_api_key:
         return ModelSettings(settings.openai_base_url, settings.openai_api_key, env_model)
     return None
@@ -1099,7 +1259,8 @@ def ragflow_settings(config: AiConfig, check: bool = True) -> RagflowSettings | 
     ``enableRag`` is not consulted: it decides whether the web app's chat answers from
     RAGFlow, and keeping the dataset current means turning it on needs no backfill.
     An empty ``ragflowBaseUrl`` means RAGFLOW_BASE_URL; another one is checked by
-    outbound_url (unless ``check`` is off: only to learn whether RAGFlow is configured).
+    outbound_url and the key decrypted (decrypt_key), unless ``check`` is off: only to
+    learn whether RAGFlow is configured and which dataset, the key left as stored.
     """
     if config.ragflow_api_key.strip() and config.ragflow_dataset_id.strip():
         url, setting = config.ragflow_base_url.strip(), 'AiConfig.ragflowBaseUrl'
@@ -1107,8 +1268,10 @@ def ragflow_settings(config: AiConfig, check: bool = True) -> RagflowSettings | 
             url, setting = settings.ragflow_base_url, 'RAGFLOW_BASE_URL'
         elif check:
             url = outbound_url(url, setting)
-        return RagflowSettings(url, config.ragflow_api_key.strip(),
-                               config.ragflow_dataset_id.strip(), setting)
+        key = config.ragflow_api_key.strip()
+        if check:
+            key = decrypt_key(key, 'AiConfig.ragflowApiKey')
+        return RagflowSettings(url, key, config.ragflow_dataset_id.strip(), setting)
     if settings.ragflow_api_key and settings.ragflow_dataset_id:
         return RagflowSettings(settings.ragflow_base_url, settings.ragflow_api_key,
                                settings.ragflow_dataset_id)
@@ -1307,8 +1470,8 @@ BRIEFING_PROMPT = (
     '保持简洁，使用 markdown 格式。')
 BRIEFING_SEPARATOR = '\n---\n'
 # The ids of the briefing messages the worker made for the user (one parameter), in SQL.
-MADE_BRIEFING_IDS = ('(SELECT "message_id" FROM "whitenote_huey_briefing" '
-                     'WHERE "user_id" = ? AND "message_id" IS NOT NULL)')
+MADE_BRIEFING_IDS = ('(SELECT "message_id" FROM %s '
+                     'WHERE "user_id" = ? AND "message_id" IS NOT NULL)' % models.BRIEFING_TABLE)
 
 
 def briefing_time(value: str | None) -> datetime.time | None:
@@ -1781,7 +1944,7 @@ class Sweep:
             wanted = []
             if config.enable_auto_tag:
                 wanted.append(('auto-tag', content_hash(message.content)))
-            endpoint = ragflow_settings(config)
+            endpoint = ragflow_settings(config, check=False)
             if endpoint is not None:
                 tags = tag_names_of(ids, span) if tags is None else tags
                 text = document_text(message.content, tags.get(message.id, []))
@@ -1883,7 +2046,7 @@ class Sweep:
                 position = handled
                 break
             handled = state.message_id
-            endpoint = ragflow_settings(configs[state.user_id])
+            endpoint = ragflow_settings(configs[state.user_id], check=False)
             if endpoint is not None and needs_run(state, document_hash(None, endpoint.dataset_id)):
                 self.counts['deleted'] += self.enqueue(
                     DueJob('sync-ragflow', state.message_id, state.user_id, state), SCAN_PRIORITY)
@@ -1968,7 +2131,7 @@ def auto_tag(user_id: str, message_id: str, task: Task | None = None) -> None:
         if endpoint is None:
             names, how = offline_tags(message.content, known_tags), 'offline (no model key)'
         else:
-            run.secrets = (endpoint.api_key,)
+            run.secrets = (endpoint.api_key, config.openai_api_key)
             answer = ask_model(endpoint, tag_prompt(message.content, known_tags))
             names, how = validate_tags(parse_tag_answer(answer)), 'model %s' % endpoint.model
         with database.atomic():
@@ -1990,11 +2153,12 @@ def sync_ragflow(user_id: str, message_id: str, task: Task | None = None) -> Non
     with job('sync-ragflow', message_id, user_id, task) as run:
         message = Message.content_of(message_id)
         author_id = message.author_id if message is not None else user_id
-        endpoint = ragflow_settings(AiConfig.for_user(author_id))
+        config = AiConfig.for_user(author_id)
+        endpoint = ragflow_settings(config)
         if endpoint is None:
             run.finish('skipped', 'RAGFlow is not configured for this user')
             return
-        run.secrets = (endpoint.api_key,)
+        run.secrets = (endpoint.api_key, config.ragflow_api_key)
         text = None  # for a deleted message what is wanted is no document in this dataset
         if message is not None:
             text = document_text(message.content, message_tag_names(message_id))
@@ -2112,7 +2276,7 @@ def daily_briefing(user_id: str, day: datetime.date, manual: bool = False,
         if endpoint is None:
             body, how = offline_briefing(covered, messages), 'offline (no model key)'
         else:
-            run.secrets = (endpoint.api_key,)
+            run.secrets = (endpoint.api_key, config.openai_api_key)
             answer = ask_model(endpoint, briefing_prompt(config, covered, len(messages)), 0.7)
             body = briefing_text(answer)
             if not body:

@@ -100,9 +100,12 @@ def create_webapp_tables(database) -> None:
 
 
 def truncate_all(database) -> None:
-    tables = [t for t in database.get_tables()]
+    """Empty the web app's tables and the worker's own (in their schema)."""
+    from models import WORKER_SCHEMA
+    tables = ['"%s"' % t for t in database.get_tables()]
+    tables += ['"%s"."%s"' % (WORKER_SCHEMA, t) for t in database.get_tables(schema=WORKER_SCHEMA)]
     if tables:
-        database.execute_sql('TRUNCATE %s CASCADE' % ', '.join('"%s"' % t for t in tables))
+        database.execute_sql('TRUNCATE %s CASCADE' % ', '.join(tables))
 
 
 @dataclasses.dataclass

@@ -299,7 +299,8 @@ def test_postgresql_with_tls_and_a_password(tmp_path):
 
 
 def test_least_privilege_role_runs_the_worker(redis_queue, tmp_path):
-    """A role that can write the web app's rows and create its own tables, and no more."""
+    """A role that can write the web app's rows and make its own schema, and no more: it
+    cannot create anything in the web app's schema."""
     services.require('postgresql', services.postgres_reachable())
     role = 'whitenote_worker_%d' % os.getpid()
     url = create_test_database('_role')
@@ -308,8 +309,9 @@ def test_least_privilege_role_runs_the_worker(redis_queue, tmp_path):
     owner = psycopg2.connect(url)
     owner.autocommit = True
     cursor = owner.cursor()
-    for grant in ('GRANT CONNECT ON DATABASE %s TO %%s' % url.rsplit('/', 1)[1],
-                  'GRANT USAGE, CREATE ON SCHEMA public TO %s',
+    cursor.execute('REVOKE CREATE ON SCHEMA public FROM PUBLIC')  # the default before PostgreSQL 15
+    for grant in ('GRANT CONNECT, CREATE ON DATABASE %s TO %%s' % url.rsplit('/', 1)[1],
+                  'GRANT USAGE ON SCHEMA public TO %s',
                   'GRANT SELECT, INSERT, UPDATE, DELETE ON "User", "AiConfig", "Message", "Tag", '
                   '"MessageTag", "MessageVersion" TO %s'):
         cursor.execute(grant % role)
@@ -329,8 +331,11 @@ def test_least_privilege_role_runs_the_worker(redis_queue, tmp_path):
             wait_for(lambda: tag_names(note.id) == ['minimal'], what='auto-tag as the role')
         finally:
             assert consumer.stop() == 0
-        cursor.execute('SELECT tableowner FROM pg_tables WHERE tablename = %s', ('whitenote_huey_job',))
-        assert cursor.fetchone() == (role,)
+        cursor.execute('SELECT schemaname, tableowner FROM pg_tables WHERE tablename = %s',
+                       ('whitenote_huey_job',))
+        assert cursor.fetchall() == [(models.WORKER_SCHEMA, role)]
+        with pytest.raises(peewee.ProgrammingError, match='permission denied for schema public'):
+            models.database.execute_sql('CREATE TABLE "public"."worker_extra" (id integer)')
         with pytest.raises(peewee.ProgrammingError, match='must be owner'):
             models.database.execute_sql('ALTER TABLE "Message" ADD COLUMN "extra" integer')
     finally:
