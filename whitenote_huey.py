@@ -9,6 +9,8 @@ Run the consumer with ``huey_consumer whitenote_huey.huey`` (or ``./run_consumer
 enqueue by calling a task, e.g. ``auto_tag(user_id, message_id)``.
 """
 import argparse
+import asyncio
+import atexit
 import base64
 import contextlib
 import copy
@@ -2366,6 +2368,210 @@ def start_sweeps() -> None:
             logger.warning('[sweep] %s pass failed, the next one will catch up: %s', reason,
                            redact('%s: %s' % (type(exc).__name__, exc))[:300])
 
+
+
+# The web app's queue.
+
+WORKER_STATUS_KEY = 'worker:status'  # read by the web app's health page
+WORKER_STATUS_TTL = 60  # seconds, renewed every third of it: a killed consumer's entry lapses
+_WEBAPP_ID = re.compile(r'[A-Za-z0-9_-]{1,128}')
+_CLEAR_STATUS = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
+                 "return redis.call('del', KEYS[1]) end return 0")
+
+
+class UnusableJob(Exception):
+    """A job from the web app's queue that is failed, never retried: the text says why."""
+
+
+class NotHandled(UnusableJob):
+    """A kind of job the web app enqueues that this worker does not do (yet)."""
+
+
+def webapp_ids(name: str, data: object, *fields: str) -> list[str]:
+    """The id strings ``fields`` of a job's data; UnusableJob naming what is wrong.
+    Other fields (workspaceId, contentType from later versions of the web app) may be there."""
+    if not isinstance(data, dict):
+        raise UnusableJob('%s job: its data is not an object' % name)
+    ids = []
+    for field in fields:
+        value = data.get(field)
+        if not isinstance(value, str) or not _WEBAPP_ID.fullmatch(value):
+            raise UnusableJob('%s job: its data has no valid %s (an id of 1-128 letters, '
+                              'digits, _ or -)' % (name, field))
+        ids.append(value)
+    return ids
+
+
+def take_message_job(task: TaskWrapper) -> Callable[[str, object], str]:
+    """A web-app job on one message, ``{userId, messageId}``, taken as ``task``."""
+    def take(name: str, data: object) -> str:
+        user_id, message_id = webapp_ids(name, data, 'userId', 'messageId')
+        content = data.get('contentType', 'message')
+        if content != 'message':
+            raise NotHandled('%s of a %s' % (name, str(content)[:40]))
+        task(user_id, message_id)
+        return 'enqueued %s of message %s (user %s)' % (name, message_id, user_id)
+    return take
+
+
+def take_daily_briefing(name: str, data: object) -> str:
+    """The web app's repeatable briefing job: the briefings due now (each day's row makes
+    each briefing once, whoever else enqueues it)."""
+    with database.connection_context():
+        due = dispatch_briefings()
+    return 'enqueued %d due briefing(s)' % len(due)
+
+
+def not_handled(name: str, data: object) -> str:
+    raise NotHandled(name)
+
+
+# What each job of the web app's queue, by name, becomes here.
+WEBAPP_JOBS: dict[str, Callable[[str, object], str]] = {
+    'auto-tag': take_message_job(auto_tag),
+    'sync-ragflow': take_message_job(sync_ragflow),
+    'daily-briefing': take_daily_briefing,
+    'auto-tag-comment': not_handled,
+    'sync-to-local': not_handled,
+    'create-message-from-file': not_handled,
+    'create-workspace-from-folder': not_handled,
+}
+
+
+class WebAppBridge:
+    """What makes a consumer WhiteNote's worker in the web app's eyes, in a thread of its
+    own with its own event loop: it takes the jobs the web app enqueues on BullMQ (with
+    the official bullmq package), each at once enqueued as the matching task, and it
+    keeps the Redis key worker:status that the web app's health page reads.
+
+    One per consumer (see start_webapp_bridge).  A job taken but not yet enqueued when
+    the consumer dies is BullMQ's to hand out again once its lock lapses, and the sweep
+    finds its message either way: the database stays the truth.
+    """
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._status = json.dumps({'running': True, 'startedAt': datetime.datetime.now(datetime.UTC)
+                                   .isoformat(timespec='milliseconds').replace('+00:00', 'Z'),
+                                   'pid': os.getpid()})
+        self._told: set[str] = set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=asyncio.run, args=(self._main(),),
+                                        name='webapp-bridge', daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Close the taker (a job under way finishes) and clear worker:status; idempotent."""
+        thread, loop, stopping = self._thread, self._loop, self._stopping
+        if thread is None or not thread.is_alive() or loop is None or stopping is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(stopping.set)
+        thread.join(timeout)
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        taker = None
+        if settings.bullmq_queue:
+            # Imported here: only a consumer that takes the web app's jobs pays its memory.
+            from bullmq import Worker
+            taker = Worker(settings.bullmq_queue, self._take, {
+                'connection': settings.redis_url, 'concurrency': 8, 'name': 'whitenote-huey'})
+            taker.on('error', self._error)
+            logger.info('[bullmq] taking the web app\'s jobs from queue %r', settings.bullmq_queue)
+        status = asyncio.ensure_future(self._keep_status())
+        await self._stopping.wait()
+        if taker is not None:
+            await taker.close()
+            logger.info('[bullmq] stopped taking jobs from queue %r', settings.bullmq_queue)
+        status.cancel()
+        await asyncio.to_thread(self._clear_status)
+
+    async def _take(self, job, token: str) -> str:
+        """One job: validated and enqueued as the matching task (the job then completes),
+        or failed for good with the reason."""
+        from bullmq import UnrecoverableError
+        fields = {'kind': job.name, 'bullmq_job': job.id}
+        handler = WEBAPP_JOBS.get(job.name)
+        try:
+            if handler is None:
+                raise UnusableJob('unknown job name %r: this worker takes %s' % (
+                    str(job.name)[:60], ', '.join(sorted(name for name, take in WEBAPP_JOBS.items()
+                                                         if take is not not_handled))))
+            outcome = await asyncio.to_thread(handler, job.name, job.data)
+        except NotHandled as exc:
+            reason = 'job kind %s is not handled here (whitenote-huey does not do it)' % exc
+            if str(exc) not in self._told:
+                self._told.add(str(exc))
+                logger.warning('[bullmq] %s; failing each such job (said once per start)',
+                               reason, extra=fields)
+            raise UnrecoverableError(reason) from None
+        except UnusableJob as exc:
+            logger.warning('[bullmq] job %s failed, not retried: %s', job.id, exc, extra=fields)
+            raise UnrecoverableError(str(exc)) from None
+        logger.info('[bullmq] job %s: %s', job.id, outcome, extra=fields)
+        return outcome
+
+    def _error(self, error: Exception, *args) -> None:
+        logger.warning('[bullmq] %s', queue_error(error))
+
+    async def _keep_status(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(huey.storage.conn.set, WORKER_STATUS_KEY, self._status,
+                                        ex=WORKER_STATUS_TTL)
+            except RedisError as exc:
+                logger.warning('cannot write %s: %s', WORKER_STATUS_KEY, queue_error(exc))
+            await asyncio.sleep(WORKER_STATUS_TTL / 3)
+
+    def _clear_status(self) -> None:
+        """Delete worker:status if it is still this consumer's (another may have written it since)."""
+        try:
+            huey.storage.conn.eval(_CLEAR_STATUS, 1, WORKER_STATUS_KEY, self._status)
+        except RedisError as exc:
+            logger.warning('cannot clear %s: %s', WORKER_STATUS_KEY, queue_error(exc))
+
+
+bridge = WebAppBridge()
+# The pid of the worker process that runs this consumer's bridge; made at import, before
+# huey_consumer starts its workers, so process workers share it too.
+_bridge_owner = multiprocessing.Value('i', 0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+@huey.on_startup()
+def start_webapp_bridge() -> None:
+    """With REDIS_URL set, the consumer's first worker starts the bridge; the hook runs in
+    every worker, thread or process, and the others leave it at that.  A process worker
+    that died is replaced, and its replacement starts the bridge again."""
+    if not settings.redis_url:
+        return
+    with _bridge_owner.get_lock():
+        owner = _bridge_owner.value
+        if owner and (owner == os.getpid() or _alive(owner)):
+            return
+        _bridge_owner.value = os.getpid()
+    bridge.start()
+    atexit.register(bridge.stop)  # a consumer stopped at once skips the shutdown hooks
+
+
+@huey.on_shutdown()
+def stop_webapp_bridge() -> None:
+    """Each worker runs this at a clean stop; only the bridge's own process has one to stop."""
+    bridge.stop()
 
 # Command line.
 
