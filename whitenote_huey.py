@@ -1021,7 +1021,8 @@ def decrypt_key(value: str, setting: str) -> str:
     Strict base64 of at least 97 bytes is the web app's ciphertext and is decrypted; any
     other value is a key stored before encryption, used as it is.  Ciphertext that does
     not decrypt raises PermanentError naming ENCRYPTION_KEY: it is never sent as a key.
-    No error holds key material.
+    No error holds key material (and none has a word after the setting's name that
+    redact() would take for a key).
     """
     value = value.strip()
     if len(value) < 4 * -(-_CIPHERTEXT_BYTES // 3) or not _BASE64.fullmatch(value):
@@ -1031,8 +1032,8 @@ def decrypt_key(value: str, setting: str) -> str:
         return value
     source = settings.encryption_setting
     if not settings.encryption_secret:
-        raise PermanentError('%s is encrypted by the web app, but none of %s is set: set '
-                             'ENCRYPTION_KEY to the web app\'s' % (setting, ', '.join(ENCRYPTION_SETTINGS)))
+        raise PermanentError('%s, stored encrypted by the web app, cannot be read: none of %s is '
+                             'set; set ENCRYPTION_KEY to the web app\'s' % (setting, ', '.join(ENCRYPTION_SETTINGS)))
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
     iv = raw[_SALT_BYTES:_SALT_BYTES + _IV_BYTES]
@@ -1042,8 +1043,8 @@ def decrypt_key(value: str, setting: str) -> str:
             iv, raw[_CIPHERTEXT_BYTES - 1:] + tag, None)
     except InvalidTag:
         where = '' if source == 'ENCRYPTION_KEY' else ' (taken from %s: ENCRYPTION_KEY is unset)' % source
-        raise PermanentError('%s does not decrypt with the key of ENCRYPTION_KEY%s: set '
-                             'ENCRYPTION_KEY to the web app\'s' % (setting, where)) from None
+        raise PermanentError('%s, stored encrypted by the web app, does not decrypt with the key '
+                             'of ENCRYPTION_KEY%s: set ENCRYPTION_KEY to the web app\'s' % (setting, where)) from None
     return plain.decode('utf-8', 'replace')
 
 
