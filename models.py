@@ -622,6 +622,7 @@ def _move_table(model: type[Model], schema: str, whole: bool) -> None:
     database.create_tables([model], safe=True)
     columns = ', '.join('"%s"' % field.column_name for field in model._meta.sorted_fields
                         if not isinstance(field, AutoField))
-    database.execute_sql('INSERT INTO "%s"."%s" (%s) SELECT %s FROM %s ON CONFLICT DO NOTHING'
+    # WHERE true: SQLite would read "ON" as part of the SELECT's join.
+    database.execute_sql('INSERT INTO "%s"."%s" (%s) SELECT %s FROM %s WHERE true ON CONFLICT DO NOTHING'
                          % (WORKER_SCHEMA, name, columns, columns, source))
     database.execute_sql('DROP TABLE %s' % source)
