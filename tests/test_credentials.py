@@ -132,11 +132,26 @@ def test_redis_with_a_password(db, tmp_path):
 def test_redis_acl_user_limited_to_the_queue_keys(db, tmp_path):
     with RedisServer(str(tmp_path)) as server:
         admin = redis.Redis(port=server.port)
-        # What the README suggests: the queue's keys only, no dangerous commands.
+        # What the README suggests: the worker's keys only, no dangerous commands.
+        queue = os.environ['BULLMQ_QUEUE']
         admin.execute_command('ACL', 'SETUSER', 'whitenote', 'on', '>' + PASSWORD, '~huey.*',
-                              'resetchannels', '+@all', '-@dangerous')
+                              '~bull:%s:*' % queue, '~worker:status', 'resetchannels', '+@all',
+                              '-@dangerous', '+info')
         url = redis_url(server.port, PASSWORD, user='whitenote')
-        run_one_job(db.url, url, str(tmp_path))
+        log = run_one_job(db.url, url, str(tmp_path))
+        assert 'NOPERM' not in log and 'no permissions' not in log, log[-2000:]
+        # The web app's jobs, taken by a consumer under that user.
+        user = make_user(config=None)
+        note = make_message(user, 'from the web app #acl')
+        services.WebAppQueue(server.url, queue).add(('auto-tag', {'userId': user.id, 'messageId': note.id}))
+        consumer = Consumer(worker_env(db.url, url), str(tmp_path), '-w', '1',
+                            log_path=str(tmp_path / 'acl.log')).start()
+        try:
+            wait_for(lambda: tag_names(note.id) == ['acl'], what="the web app's job under the ACL user")
+            assert admin.get('worker:status')
+        finally:
+            assert consumer.stop() == 0
+        assert 'NOPERM' not in consumer.log() and 'no permissions' not in consumer.log()
         limited = redis.Redis.from_url(url)
         admin.set('webapp:session', 'not the worker\'s')
         for command in (('GET', 'webapp:session'), ('FLUSHALL',), ('KEYS', '*'), ('CONFIG', 'GET', '*')):
