@@ -408,6 +408,12 @@ class WebAppQueue:
         """addTask(type, data) for each (type, data), one after the other; the job ids."""
         return self._run('add', [{'type': kind, 'data': data} for kind, data in jobs])
 
+    def add_paced(self, jobs: list[tuple[str, object]], pause: tuple[float, float]) -> list[tuple[str, float]]:
+        """add() one job at a time after a random pause of ``pause`` seconds: (id, when added, s)."""
+        added = self._run('paced', {'jobs': [{'type': kind, 'data': data} for kind, data in jobs],
+                                    'pause': [1000 * pause[0], 1000 * pause[1]]})
+        return [(job_id, at / 1000) for job_id, at in added]
+
     def add_cron(self, kind: str, pattern: str) -> str:
         return self._run('cron', {'type': kind, 'pattern': pattern})
 

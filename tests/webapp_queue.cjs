@@ -2,6 +2,8 @@
 // Usage: node webapp_queue.cjs REDIS_URL QUEUE COMMAND < input.json; prints one JSON value.
 //   add:     [{"type": ..., "data": ...}, ...] -> each added as src/lib/queue/index.ts's
 //            addTask does (jobId `${type}-${Date.now()}`); prints the job ids, in order
+//   paced:   {"jobs": [...], "pause": [low, high]} -> as add, one at a time, a random pause
+//            (ms) before each; prints [id, Date.now() just before the add] per job
 //   cron:    {"type": ..., "pattern": ...} -> addCronTask: a repeatable job
 //   counts:  prints the job counts by state
 //   failed:  prints the failed jobs: id, name, failedReason, attemptsMade
@@ -31,6 +33,14 @@ async function main() {
     result = []
     for (const { type, data } of input) {
       result.push((await addTask(type, data)).id)
+    }
+  } else if (command === 'paced') {
+    result = []
+    const [low, high] = input.pause
+    for (const { type, data } of input.jobs) {
+      await new Promise(resolve => setTimeout(resolve, low + Math.random() * (high - low)))
+      const at = Date.now()
+      result.push([(await addTask(type, data)).id, at])
     }
   } else if (command === 'cron') {
     result = (await taskQueue.add(input.type, {}, { repeat: { pattern: input.pattern } })).id
