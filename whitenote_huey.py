@@ -2481,7 +2481,7 @@ class WebAppBridge:
             # Imported here: only a consumer that takes the web app's jobs pays its memory.
             from bullmq import Worker
             taker = Worker(settings.bullmq_queue, self._take, {
-                'connection': settings.redis_url, 'concurrency': 8, 'name': 'whitenote-huey'})
+                'connection': settings.redis_url, 'concurrency': 1, 'name': 'whitenote-huey'})
             taker.on('error', self._error)
             logger.info('[bullmq] taking the web app\'s jobs from queue %r', settings.bullmq_queue)
         status = asyncio.ensure_future(self._keep_status())
@@ -2490,11 +2490,12 @@ class WebAppBridge:
             await taker.close()
             logger.info('[bullmq] stopped taking jobs from queue %r', settings.bullmq_queue)
         status.cancel()
-        await asyncio.to_thread(self._clear_status)
+        self._clear_status()
 
     async def _take(self, job, token: str) -> str:
         """One job: validated and enqueued as the matching task (the job then completes),
-        or failed for good with the reason."""
+        or failed for good with the reason.  The handler runs on the loop itself: a Redis
+        round trip or a few queries, and no thread pool's threads (memory) for so little."""
         from bullmq import UnrecoverableError
         fields = {'kind': job.name, 'bullmq_job': job.id}
         handler = WEBAPP_JOBS.get(job.name)
@@ -2503,7 +2504,7 @@ class WebAppBridge:
                 raise UnusableJob('unknown job name %r: this worker takes %s' % (
                     str(job.name)[:60], ', '.join(sorted(name for name, take in WEBAPP_JOBS.items()
                                                          if take is not not_handled))))
-            outcome = await asyncio.to_thread(handler, job.name, job.data)
+            outcome = handler(job.name, job.data)
         except NotHandled as exc:
             reason = 'job kind %s is not handled here (whitenote-huey does not do it)' % exc
             if str(exc) not in self._told:
@@ -2523,8 +2524,7 @@ class WebAppBridge:
     async def _keep_status(self) -> None:
         while True:
             try:
-                await asyncio.to_thread(huey.storage.conn.set, WORKER_STATUS_KEY, self._status,
-                                        ex=WORKER_STATUS_TTL)
+                huey.storage.conn.set(WORKER_STATUS_KEY, self._status, ex=WORKER_STATUS_TTL)
             except RedisError as exc:
                 logger.warning('cannot write %s: %s', WORKER_STATUS_KEY, queue_error(exc))
             await asyncio.sleep(WORKER_STATUS_TTL / 3)
