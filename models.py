@@ -3,8 +3,10 @@
 The web app (Prisma on PostgreSQL) owns "User", "AiConfig", "Message", "Tag",
 "MessageTag" and "MessageVersion" (and, since workspaces, "Workspace", "Comment" and
 "CommentTag"): quoted PascalCase tables, camelCase columns, text ids, naive UTC
-timestamps.  The worker reads and writes their rows but never changes their shape;
-its own state lives in tables prefixed ``whitenote_huey_``.  Which WhiteNote the
+timestamps.  The worker reads and writes their rows but never changes their shape.
+Its own state lives out of the web app's sight, in tables named ``whitenote_huey_*`` in
+a schema of their own, "whitenote_huey": a PostgreSQL schema, or on SQLite a file
+beside the app's, attached to each connection under that name.  Which WhiteNote the
 database belongs to (its Shape) is read from its own columns; the statements that
 differ between shapes are here, beside the models.
 """
@@ -18,6 +20,7 @@ import threading
 import time
 import typing
 
+from peewee import AutoField
 from peewee import BooleanField
 from peewee import CompositeKey
 from peewee import DatabaseError
@@ -31,6 +34,20 @@ from peewee import PostgresqlDatabase
 from peewee import TextField
 
 database = DatabaseProxy()
+
+# Where the worker's own tables live, and their names as hand-written SQL must write
+# them (qualified, so that the web app's schema never resolves them).
+WORKER_SCHEMA = 'whitenote_huey'
+JOB_TABLE = '"whitenote_huey"."whitenote_huey_job"'
+BRIEFING_TABLE = '"whitenote_huey"."whitenote_huey_briefing"'
+RUN_TABLE = '"whitenote_huey"."whitenote_huey_run"'
+SWEEP_TABLE = '"whitenote_huey"."whitenote_huey_sweep"'
+WORKSPACE_BRIEFING_TABLE = '"whitenote_huey"."whitenote_huey_workspace_briefing"'
+
+
+def qualified(model: type[Model]) -> str:
+    """A worker table's name as hand-written SQL writes it, in the worker's schema."""
+    return '"%s"."%s"' % (WORKER_SCHEMA, model._meta.table_name)
 
 
 def utcnow() -> datetime.datetime:
@@ -98,9 +115,9 @@ def like_prefix(text: str) -> str:
 @functools.cache
 def upsert_sql(table: str, columns: tuple[str, ...], conflict: tuple[str, ...],
                updated: tuple[str, ...], param: str) -> str:
-    """INSERT of ``columns`` that, when a row with the same ``conflict`` columns exists,
-    sets its ``updated`` columns instead."""
-    return 'INSERT INTO "%s" (%s) VALUES (%s) ON CONFLICT (%s) DO UPDATE SET %s' % (
+    """INSERT into ``table`` (a name as SQL writes it) of ``columns`` that, when a row with
+    the same ``conflict`` columns exists, sets its ``updated`` columns instead."""
+    return 'INSERT INTO %s (%s) VALUES (%s) ON CONFLICT (%s) DO UPDATE SET %s' % (
         table, ', '.join('"%s"' % name for name in columns), ', '.join([param] * len(columns)),
         ', '.join('"%s"' % name for name in conflict),
         ', '.join('"%s" = excluded."%s"' % (name, name) for name in updated))
@@ -108,8 +125,9 @@ def upsert_sql(table: str, columns: tuple[str, ...], conflict: tuple[str, ...],
 
 @functools.cache
 def update_sql(table: str, columns: tuple[str, ...], where: tuple[str, ...], param: str) -> str:
-    """UPDATE setting ``columns`` of the rows whose ``where`` columns equal the values given."""
-    return 'UPDATE "%s" SET %s WHERE %s' % (
+    """UPDATE of ``table`` (a name as SQL writes it) setting ``columns`` of the rows whose
+    ``where`` columns equal the values given."""
+    return 'UPDATE %s SET %s WHERE %s' % (
         table, ', '.join('"%s" = %s' % (name, param) for name in columns),
         ' AND '.join('"%s" = %s' % (name, param) for name in where))
 
@@ -524,8 +542,9 @@ def content_of(kind: str, content_id: str) -> Content | None:
 # The workspaces shape's briefings: one per workspace and day, a system message in it.
 
 # The ids of the briefing messages the worker made for the workspace (one parameter), in SQL.
-MADE_WORKSPACE_BRIEFING_IDS = ('(SELECT "message_id" FROM "whitenote_huey_workspace_briefing" '
-                               'WHERE "workspace_id" = ? AND "message_id" IS NOT NULL)')
+MADE_WORKSPACE_BRIEFING_IDS = ('(SELECT "message_id" FROM %s '
+                               'WHERE "workspace_id" = ? AND "message_id" IS NOT NULL)'
+                               % WORKSPACE_BRIEFING_TABLE)
 # The workspace's messages (three parameters: its id, its owner, whether it is the
 # owner's default, which also holds the owner's messages in no workspace).
 _IN_WORKSPACE = '("workspaceId" = ? OR ("workspaceId" IS NULL AND "authorId" = ? AND ?))'
@@ -668,6 +687,7 @@ class JobState(BaseModel):
 
     class Meta:
         table_name = 'whitenote_huey_job'
+        schema = WORKER_SCHEMA
         indexes = ((('kind', 'message_id'), True),)
 
     @property
@@ -677,8 +697,8 @@ class JobState(BaseModel):
     @classmethod
     def lookup(cls, kind: str, message_id: str, user_id: str) -> 'JobState':
         """The state row for this job, or a new unsaved one: one read, no write."""
-        for state in cls.raw(sql('SELECT * FROM "whitenote_huey_job" '
-                                 'WHERE "kind" = ? AND "message_id" = ?'), kind, message_id):
+        for state in cls.raw(sql('SELECT * FROM %s WHERE "kind" = ? AND "message_id" = ?'
+                                 % JOB_TABLE), kind, message_id):
             return state
         return cls(kind=kind, message_id=message_id, user_id=user_id)
 
@@ -691,36 +711,36 @@ class JobState(BaseModel):
         statement, so two workers on one message cannot both proceed.  ``exists``: the
         row was read, so a plain UPDATE does (an upsert takes a number of the id
         sequence on PostgreSQL each time, even when the row is there)."""
-        free = ('"whitenote_huey_job"."status" != \'running\' '
-                'OR "whitenote_huey_job"."lease_until" IS NULL '
-                'OR "whitenote_huey_job"."lease_until" <= ?')
-        lost = ('CASE WHEN "whitenote_huey_job"."status" = \'running\' '
-                'THEN "whitenote_huey_job"."lost_runs" + 1 ELSE "whitenote_huey_job"."lost_runs" END')
+        free = ('"job"."status" != \'running\' '
+                'OR "job"."lease_until" IS NULL '
+                'OR "job"."lease_until" <= ?')
+        lost = ('CASE WHEN "job"."status" = \'running\' '
+                'THEN "job"."lost_runs" + 1 ELSE "job"."lost_runs" END')
         if exists:
-            statement = ('UPDATE "whitenote_huey_job" SET "status" = \'running\', "owner" = ?, '
+            statement = ('UPDATE %s AS "job" SET "status" = \'running\', "owner" = ?, '
                          '"content_hash" = ?, "attempts" = "attempts" + 1, "lost_runs" = %s, '
                          '"lease_until" = ?, "updated_at" = ? '
-                         'WHERE "kind" = ? AND "message_id" = ? AND (%s)' % (lost, free))
+                         'WHERE "kind" = ? AND "message_id" = ? AND (%s)' % (JOB_TABLE, lost, free))
             params = (owner, input_hash, lease_until, now, kind, message_id, now)
         else:
             statement = (
-                'INSERT INTO "whitenote_huey_job" ("kind", "message_id", "user_id", "status", "owner", '
+                'INSERT INTO %s AS "job" ("kind", "message_id", "user_id", "status", "owner", '
                 '"content_hash", "attempts", "lost_runs", "tags_added", "lease_until", "created_at", '
                 '"updated_at") '
                 "VALUES (?, ?, ?, 'running', ?, ?, 1, 0, '[]', ?, ?, ?) "
                 'ON CONFLICT ("kind", "message_id") DO UPDATE SET '
                 '"status" = excluded."status", "owner" = excluded."owner", '
                 '"content_hash" = excluded."content_hash", '
-                '"attempts" = "whitenote_huey_job"."attempts" + 1, "lost_runs" = %s, '
+                '"attempts" = "job"."attempts" + 1, "lost_runs" = %s, '
                 '"lease_until" = excluded."lease_until", "updated_at" = excluded."updated_at" '
-                'WHERE %s' % (lost, free))
+                'WHERE %s' % (JOB_TABLE, lost, free))
             params = (kind, message_id, user_id, owner, input_hash, lease_until, now, now, now)
         return database.execute_sql(sql(statement), params).rowcount == 1
 
     @classmethod
     def write(cls, kind: str, message_id: str, owner: str, **fields) -> int:
         """Set these columns of the job's row while ``owner`` holds it; 0 once it does not."""
-        statement = update_sql(cls._meta.table_name, tuple(fields), ('kind', 'message_id', 'owner'),
+        statement = update_sql(JOB_TABLE, tuple(fields), ('kind', 'message_id', 'owner'),
                                database.param)
         return database.execute_sql(statement, (*fields.values(), kind, message_id, owner)).rowcount
 
@@ -729,15 +749,15 @@ class JobState(BaseModel):
         """Set these columns of the job's row for a run that holds no claim: only if the
         row is as the run ``read`` it (or still missing) and no live run holds it.
         Returns the number of rows written (0: the row moved on, the outcome is stale)."""
-        table = cls._meta.table_name
+        table = JOB_TABLE
         if read.id is None:
             row = {'kind': read.kind, 'message_id': read.message_id, 'user_id': read.user_id,
                    'status': 'pending', 'attempts': 0, 'lost_runs': 0, 'tags_added': '[]',
                    'created_at': now, **fields}
-            statement = 'INSERT INTO "%s" (%s) VALUES (%s) ON CONFLICT ("kind", "message_id") DO NOTHING' % (
+            statement = 'INSERT INTO %s (%s) VALUES (%s) ON CONFLICT ("kind", "message_id") DO NOTHING' % (
                 table, ', '.join('"%s"' % name for name in row), placeholders(len(row)))
             return database.execute_sql(sql(statement), tuple(row.values())).rowcount
-        statement = ('UPDATE "%s" SET %s WHERE "kind" = ? AND "message_id" = ? AND "status" = ? '
+        statement = ('UPDATE %s SET %s WHERE "kind" = ? AND "message_id" = ? AND "status" = ? '
                      'AND "updated_at" = ? AND NOT ("status" = \'running\' AND "lease_until" > ?)' % (
                          table, ', '.join('"%s" = ?' % name for name in fields)))
         return database.execute_sql(sql(statement), (*fields.values(), read.kind, read.message_id,
@@ -747,8 +767,8 @@ class JobState(BaseModel):
     def owned(cls, kind: str, message_id: str, owner: str, now: datetime.datetime) -> bool:
         """Whether ``owner`` still holds the job's row under a live lease."""
         cursor = database.execute_sql(sql(
-            'SELECT 1 FROM "whitenote_huey_job" WHERE "kind" = ? AND "message_id" = ? '
-            'AND "owner" = ? AND "status" = \'running\' AND "lease_until" > ?'),
+            'SELECT 1 FROM %s WHERE "kind" = ? AND "message_id" = ? '
+            'AND "owner" = ? AND "status" = \'running\' AND "lease_until" > ?' % JOB_TABLE),
             (kind, message_id, owner, now))
         return cursor.fetchone() is not None
 
@@ -783,13 +803,14 @@ class Briefing(BaseModel):
 
     class Meta:
         table_name = 'whitenote_huey_briefing'
+        schema = WORKER_SCHEMA
         indexes = ((('user_id', 'day'), True),)
 
     @classmethod
     def lookup(cls, subject_id: str, day: datetime.date) -> 'Briefing':
         """The row for this user (or workspace) and day, or a new unsaved one: one read, no write."""
-        for row in cls.raw(sql('SELECT * FROM "%s" WHERE "%s" = ? AND "day" = ?'
-                               % (cls._meta.table_name, cls.subject)), subject_id, day):
+        for row in cls.raw(sql('SELECT * FROM %s WHERE "%s" = ? AND "day" = ?'
+                               % (qualified(cls), cls.subject)), subject_id, day):
             return row
         return cls(**{cls.subject: subject_id, 'day': day})
 
@@ -800,26 +821,26 @@ class Briefing(BaseModel):
         running under a lease that ran out (counted in ``lost_runs``).  One atomic
         statement: of two runs at once, one proceeds."""
         cursor = database.execute_sql(sql(
-            'INSERT INTO "{0}" ("{1}", "day", "status", "owner", '
+            'INSERT INTO {0} AS "briefing" ("{1}", "day", "status", "owner", '
             '"attempts", "lost_runs", "lease_until", "created_at", "updated_at") '
             "VALUES (?, ?, 'running', ?, 1, 0, ?, ?, ?) "
             'ON CONFLICT ("{1}", "day") DO UPDATE SET '
             '"status" = excluded."status", "owner" = excluded."owner", '
-            '"attempts" = "{0}"."attempts" + 1, '
-            '"lost_runs" = CASE WHEN "{0}"."status" = \'running\' '
-            'THEN "{0}"."lost_runs" + 1 ELSE "{0}"."lost_runs" END, '
+            '"attempts" = "briefing"."attempts" + 1, '
+            '"lost_runs" = CASE WHEN "briefing"."status" = \'running\' '
+            'THEN "briefing"."lost_runs" + 1 ELSE "briefing"."lost_runs" END, '
             '"lease_until" = excluded."lease_until", "updated_at" = excluded."updated_at" '
-            'WHERE "{0}"."status" IN ({2}) '
-            'OR ("{0}"."status" = \'running\' '
-            'AND "{0}"."lease_until" < ?)'.format(cls._meta.table_name, cls.subject,
-                                                  placeholders(len(statuses)))),
+            'WHERE "briefing"."status" IN ({2}) '
+            'OR ("briefing"."status" = \'running\' '
+            'AND "briefing"."lease_until" < ?)'.format(qualified(cls), cls.subject,
+                                                       placeholders(len(statuses)))),
             (subject_id, day, owner, lease_until, now, now, *statuses, now))
         return cursor.rowcount == 1
 
     @classmethod
     def write(cls, subject_id: str, day: datetime.date, owner: str, **fields) -> int:
         """Set these columns of the day's row while ``owner`` holds it; 0 once it does not."""
-        statement = update_sql(cls._meta.table_name, tuple(fields), (cls.subject, 'day', 'owner'),
+        statement = update_sql(qualified(cls), tuple(fields), (cls.subject, 'day', 'owner'),
                                database.param)
         return database.execute_sql(statement, (*fields.values(), subject_id, day, owner)).rowcount
 
@@ -851,6 +872,7 @@ class WorkerRun(BaseModel):
 
     class Meta:
         table_name = 'whitenote_huey_run'
+        schema = WORKER_SCHEMA
 
 
 class SweepCursor(BaseModel):
@@ -861,6 +883,7 @@ class SweepCursor(BaseModel):
 
     class Meta:
         table_name = 'whitenote_huey_sweep'
+        schema = WORKER_SCHEMA
 
 
 WORKER_MODELS = (JobState, Briefing, WorkspaceBriefing, WorkerRun, SweepCursor)
@@ -877,26 +900,43 @@ def add_missing_columns() -> list[str]:
     added = []
     for model, column, kind in ADDED_COLUMNS:
         table = model._meta.table_name
-        if column in {found.name for found in database.get_columns(table)}:
+        if column in {found.name for found in database.get_columns(table, WORKER_SCHEMA)}:
             continue
         try:
             with database.atomic():
-                database.execute_sql('ALTER TABLE "%s" ADD COLUMN "%s" %s' % (table, column, kind))
+                database.execute_sql('ALTER TABLE %s ADD COLUMN "%s" %s' % (qualified(model), column, kind))
             added.append('%s.%s' % (table, column))
         except DatabaseError:
-            if column not in {found.name for found in database.get_columns(table)}:
+            if column not in {found.name for found in database.get_columns(table, WORKER_SCHEMA)}:
                 raise
     return added
 
 
+TABLES_LOCK = 0x7768_6e5f_7462  # pg_advisory_xact_lock key: consumers starting together take turns
+
+
 def create_tables() -> list[str]:
     """Create what is missing: a web-app table only if absent, the worker's own always.
+    Returns the names of the tables made.
 
     On a WhiteNote database this touches nothing of the web app's; on an empty one
-    it creates the web app's tables as the web app would have.
+    it creates the web app's tables as the web app would have.  The worker's tables go
+    in its own schema; those an earlier version left in the web app's schema (or, on
+    SQLite, in the app's file) are moved there first, rows and all.  On PostgreSQL one
+    creator at a time holds an advisory lock: CREATE ... IF NOT EXISTS run by several
+    sessions at once can still collide ("pg_type_typname_nsp_index"); on SQLite the
+    transaction's write lock does the same.
     """
     created = []
+    postgres = isinstance(database.obj, PostgresqlDatabase)
     with database.atomic():
+        app_schema = 'main'  # SQLite: the app's file
+        if postgres:
+            database.execute_sql('SELECT pg_advisory_xact_lock(%s)', (TABLES_LOCK,))
+            if not database.execute_sql('SELECT 1 FROM pg_namespace WHERE nspname = %s',
+                                        (WORKER_SCHEMA,)).fetchone():
+                database.execute_sql('CREATE SCHEMA "%s"' % WORKER_SCHEMA)
+            app_schema = database.execute_sql('SELECT current_schema()').fetchone()[0]
         for model in WEBAPP_MODELS:
             table = model._meta.table_name
             if not database.table_exists(table):
@@ -904,8 +944,12 @@ def create_tables() -> list[str]:
                     database.execute_sql(statement)
                 created.append(table)
         for model in WORKER_MODELS:
-            if not database.table_exists(model._meta.table_name):
-                created.append(model._meta.table_name)
+            name = model._meta.table_name
+            exists = database.table_exists(name, schema=WORKER_SCHEMA)
+            if app_schema not in (None, WORKER_SCHEMA) and database.table_exists(name, app_schema):
+                _move_table(model, app_schema, whole=postgres and not exists)
+            elif not exists:
+                created.append(name)
         database.create_tables(WORKER_MODELS, safe=True)
     added = add_missing_columns()
     try:
@@ -913,3 +957,24 @@ def create_tables() -> list[str]:
     except UnknownShape:
         pass  # said at start (check_database_at_start, the command line), and by shape()
     return created + added
+
+
+def _move_table(model: type[Model], schema: str, whole: bool) -> None:
+    """Move a worker table from ``schema``, the web app's (PostgreSQL) or its file
+    ("main" on SQLite), into the worker's own, losing no row.  ``whole``: on PostgreSQL, with no table of that
+    name there yet, the table moves as it is (indexes, sequence, owner).  Otherwise its
+    rows are copied over (a row whose key is there already stays as it is, the copy
+    being older) and the old table dropped."""
+    name = model._meta.table_name
+    source = '"%s"."%s"' % (schema.replace('"', '""'), name)
+    if whole:
+        database.execute_sql('ALTER TABLE %s SET SCHEMA "%s"' % (source, WORKER_SCHEMA))
+        return
+    database.create_tables([model], safe=True)
+    old = {column.name for column in database.get_columns(name, schema)}  # an older version's
+    columns = ', '.join('"%s"' % field.column_name for field in model._meta.sorted_fields
+                        if not isinstance(field, AutoField) and field.column_name in old)
+    # WHERE true: SQLite would read "ON" as part of the SELECT's join.
+    database.execute_sql('INSERT INTO %s (%s) SELECT %s FROM %s WHERE true ON CONFLICT DO NOTHING'
+                         % (qualified(model), columns, columns, source))
+    database.execute_sql('DROP TABLE %s' % source)

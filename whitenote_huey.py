@@ -9,6 +9,9 @@ Run the consumer with ``huey_consumer whitenote_huey.huey`` (or ``./run_consumer
 enqueue by calling a task, e.g. ``auto_tag(user_id, message_id)``.
 """
 import argparse
+import asyncio
+import atexit
+import base64
 import contextlib
 import copy
 import dataclasses
@@ -34,8 +37,10 @@ import unicodedata
 from collections.abc import Callable
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl
 from urllib.parse import quote
 from urllib.parse import unquote
+from urllib.parse import urlencode
 from urllib.parse import urlparse
 from zoneinfo import ZoneInfo
 from zoneinfo import ZoneInfoNotFoundError
@@ -70,6 +75,7 @@ from redis import ConnectionPool
 from redis import RedisError
 
 import models
+from models import WORKER_SCHEMA
 from models import AiConfig
 from models import Briefing
 from models import Comment
@@ -108,7 +114,7 @@ class SettingsError(ValueError):
 
 
 # The settings that hold a secret: shown as *** by Settings' repr (URLs without their password).
-SECRET_SETTINGS = ('openai_api_key', 'ragflow_api_key', 'secret')
+SECRET_SETTINGS = ('openai_api_key', 'ragflow_api_key', 'secret', 'encryption_secret')
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -142,6 +148,10 @@ class Settings:
     http_max_bytes: int = 1 << 20
     ragflow_max_pages: int = 10
     max_lost_runs: int = 3
+    bullmq_queue: str = ''
+    # ENCRYPTION_KEY, else AUTH_SECRET, else NEXTAUTH_SECRET: what the web app encrypts keys with.
+    encryption_secret: str = dataclasses.field(default='', repr=False)
+    encryption_setting: str = 'ENCRYPTION_KEY'
 
     def __repr__(self) -> str:
         shown = []
@@ -157,13 +167,41 @@ class Settings:
     @property
     def data_dir(self) -> str:
         """Where embedded files live: beside a SQLite database, else the working directory."""
-        if self.database_url.startswith('sqlite'):
+        if is_sqlite(self.database_url):
             return os.path.dirname(os.path.abspath(sqlite_path(self.database_url)))
         return os.getcwd()
 
 
+def is_sqlite(url: str) -> bool:
+    return url.startswith(('sqlite:', 'file:'))
+
+
 def sqlite_path(url: str) -> str:
-    return urlparse(url).path[1:] or 'whitenote.db'
+    """The file a SQLite URL names: ``sqlite:///whitenote.db``, or Prisma's
+    ``file:./data/whitenote.db``, relative to the working directory as Prisma's adapter
+    reads it (its parameters, such as ``?connection_limit=1``, ignored)."""
+    parsed = urlparse(url)
+    if parsed.scheme == 'file':
+        return unquote(parsed.path) or 'whitenote.db'
+    return parsed.path[1:] or 'whitenote.db'
+
+
+# Parameters of Prisma's PostgreSQL URL that are Prisma's own: libpq refuses them.
+PRISMA_ONLY_PARAMS = frozenset((
+    'schema', 'connection_limit', 'pool_timeout', 'pgbouncer', 'socket_timeout',
+    'statement_cache_size', 'sslidentity', 'sslpassword', 'sslaccept',
+    'max_connection_lifetime', 'max_idle_connection_lifetime'))
+_SCHEMA_NAME = re.compile(r'[A-Za-z_][A-Za-z0-9_$-]{0,62}')
+
+
+def postgres_url_parts(url: str) -> tuple[str, str]:
+    """A PostgreSQL URL as libpq takes it (Prisma's own parameters left out, ``sslmode``
+    and the other libpq ones kept), and the web app's schema from ``?schema=`` ('' if none)."""
+    parsed = urlparse(url)
+    pairs = parse_qsl(parsed.query, keep_blank_values=True)
+    schema = next((value for name, value in reversed(pairs) if name == 'schema'), '')
+    kept = [(name, value) for name, value in pairs if name not in PRISMA_ONLY_PARAMS]
+    return parsed._replace(query=urlencode(kept)).geturl(), schema
 
 
 def _url(env: dict, name: str, schemes: tuple, default: str = '') -> str:
@@ -179,13 +217,35 @@ def _url(env: dict, name: str, schemes: tuple, default: str = '') -> str:
         # urlparse would drop a host, a query or the first letter of a relative path: another file.
         raise SettingsError('%s: %r is not a SQLite URL of a file: write sqlite:///relative/path or '
                             'sqlite:////absolute/path' % (name, value))
-    if parsed.scheme not in ('sqlite', 'unix') and not parsed.hostname:
+    if parsed.scheme not in ('sqlite', 'file', 'unix') and not parsed.hostname:
         raise SettingsError('%s: %r has no host' % (name, _hide_password(value)))
     try:
         parsed.port  # noqa: B018 - raises on a port out of range
     except ValueError as exc:
         raise SettingsError('%s: %s' % (name, exc)) from None
     return value
+
+
+def _database_url(env: dict) -> str:
+    url = _url(env, 'DATABASE_URL', ('postgresql', 'postgres', 'sqlite', 'file'),
+               'sqlite:///whitenote.db')
+    if not is_sqlite(url):
+        schema = postgres_url_parts(url)[1]
+        if schema and not _SCHEMA_NAME.fullmatch(schema):
+            raise SettingsError('DATABASE_URL: schema %r is not a PostgreSQL schema name '
+                                '(letters, digits, _, $ or -, at most 63)' % schema[:80])
+        if schema == WORKER_SCHEMA:
+            raise SettingsError('DATABASE_URL: schema %r is the worker\'s own; name the web '
+                                'app\'s schema (usually public)' % schema)
+    return url
+
+
+def _bullmq_queue(env: dict) -> str:
+    name = env.get('BULLMQ_QUEUE', 'whitenote-tasks').strip()
+    if name and not re.fullmatch(r'[A-Za-z0-9_.\-]{1,100}', name):
+        raise SettingsError('BULLMQ_QUEUE: %r is not 1-100 letters, digits, _, . or -, '
+                            'nor empty (off)' % name[:120])
+    return name
 
 
 def _queue_name(env: dict) -> str:
@@ -281,25 +341,28 @@ def load_settings(env: dict | None = None) -> Settings:
                             % (env.get('WHITENOTE_URL_POLICY'), ' or '.join(URL_POLICIES)))
     ragflow_api_key = env.get('RAGFLOW_API_KEY', '').strip()
     ragflow_dataset_id = env.get('RAGFLOW_DATASET_ID', '').strip()
-    if ragflow_api_key and not ragflow_dataset_id:
-        raise SettingsError('RAGFLOW_DATASET_ID: must be set too when RAGFLOW_API_KEY is')
+    # The web app's .env may hold RAGFLOW_API_KEY alone (it seeds new users' settings
+    # with it): with no dataset there is no environment's dataset, and no error.
     if ragflow_dataset_id and not ragflow_api_key:
         raise SettingsError('RAGFLOW_API_KEY: must be set too when RAGFLOW_DATASET_ID is')
     log_format = (env.get('LOG_FORMAT', '').strip() or 'text').lower()
     if log_format not in ('text', 'json'):
         raise SettingsError('LOG_FORMAT: %r is not text or json' % log_format)
+    # As the web app's src/lib/crypto.ts picks it: the first one set and not empty.
+    encryption_setting = next((name for name in ENCRYPTION_SETTINGS if env.get(name)),
+                              ENCRYPTION_SETTINGS[0])
+    model = env.get('OPENAI_MODEL', '').strip() or 'gpt-3.5-turbo'
     return Settings(
-        database_url=_url(env, 'DATABASE_URL', ('postgresql', 'postgres', 'sqlite'),
-                          'sqlite:///whitenote.db'),
+        database_url=_database_url(env),
         redis_url=_url(env, 'REDIS_URL', ('redis', 'rediss', 'unix')),
         openai_api_key=env.get('OPENAI_API_KEY', '').strip(),
         openai_base_url=_url(env, 'OPENAI_BASE_URL', ('http', 'https'),
                              'https://api.openai.com'),
-        auto_tag_model=env.get('AUTO_TAG_MODEL', '').strip() or 'gpt-3.5-turbo',
+        auto_tag_model=env.get('AUTO_TAG_MODEL', '').strip() or model,
         ragflow_base_url=_url(env, 'RAGFLOW_BASE_URL', ('http', 'https'), 'http://localhost:4154'),
         ragflow_api_key=ragflow_api_key,
         ragflow_dataset_id=ragflow_dataset_id,
-        briefing_model=env.get('BRIEFING_MODEL', '').strip() or 'gpt-3.5-turbo',
+        briefing_model=env.get('BRIEFING_MODEL', '').strip() or model,
         briefing_max_chars=_int(env, 'BRIEFING_MAX_CHARS', 12000, 10 ** 7),
         timezone=timezone,
         secret=_secret(env),
@@ -320,11 +383,32 @@ def load_settings(env: dict | None = None) -> Settings:
         http_max_bytes=_int(env, 'HTTP_MAX_BYTES', 1 << 20, 1 << 30),
         ragflow_max_pages=_int(env, 'RAGFLOW_MAX_PAGES', 10, 10 ** 5),
         max_lost_runs=_int(env, 'JOB_MAX_LOST_RUNS', 3, 1000),
+        bullmq_queue=_bullmq_queue(env),
+        encryption_secret=env.get(encryption_setting) or '',
+        encryption_setting=encryption_setting,
     )
 
 
-load_dotenv(os.path.join(os.getcwd(), '.env'), override=False)
+ENCRYPTION_SETTINGS = ('ENCRYPTION_KEY', 'AUTH_SECRET', 'NEXTAUTH_SECRET')
+
+
+def read_env_files() -> None:
+    """The worker's own ``.env`` in the working directory, then the web app's
+    (WHITENOTE_ENV_FILE); the environment wins over both, the worker's file over the web app's."""
+    load_dotenv(os.path.join(os.getcwd(), '.env'), override=False)
+    path = os.environ.get('WHITENOTE_ENV_FILE', '').strip()
+    if path:
+        if not os.path.isfile(path):
+            raise SettingsError('WHITENOTE_ENV_FILE: %r is not a file (the web app\'s .env, '
+                                'e.g. /opt/whitenote/.env)' % path)
+        try:
+            load_dotenv(path, override=False)
+        except OSError as exc:
+            raise SettingsError('WHITENOTE_ENV_FILE: %r cannot be read: %s' % (path, exc)) from None
+
+
 try:
+    read_env_files()
     settings = load_settings()
 except SettingsError as exc:
     raise SystemExit('whitenote-huey: bad setting: %s' % exc) from None
@@ -352,6 +436,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+# What printable() escapes: C0 and C1 controls (newlines, terminal escapes), DEL, the line
+# and paragraph separators, the bidirectional overrides, and lone surrogates.
+_UNPRINTABLE = re.compile('[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e'
+                          '\u2066-\u2069\ud800-\udfff]')
+_ESCAPES = {'\n': '\\n', '\r': '\\r', '\t': '\\t'}
+
+
+def printable(text: object) -> str:
+    """Untrusted text (an answer's error, a model name, a note) made safe for a log line or
+    a terminal: what could end the line, move the cursor or clear the screen is escaped,
+    as \\n, \\x1b or \\u202e, so it can neither forge a line nor rewrite one."""
+    return _UNPRINTABLE.sub(_escape, str(text))
+
+
+def _escape(match: re.Match) -> str:
+    char = match.group()
+    return _ESCAPES.get(char) or ('\\x%02x' % ord(char) if ord(char) < 0x100 else '\\u%04x' % ord(char))
+
+
 class PrintableFilter(logging.Filter):
     """Escapes every line the worker logs (printable): the text it holds from users, models
     and RAGFlow cannot forge a log line or clear a terminal, whatever the handler."""
@@ -375,20 +478,48 @@ def log_formatter(config: Settings) -> logging.Formatter:
 
 # Database.
 
+class WorkerSqliteDatabase(SqliteDatabase):
+    """The app's SQLite file, with the worker's own file beside it, ``whitenote-huey.db``,
+    ATTACHed to every connection as "whitenote_huey": the worker's tables go there, and
+    the same schema-qualified names as on PostgreSQL reach them.
+
+    Neither file's journal mode is set here.  The app's file keeps the mode its owner
+    chose; the worker's own file keeps SQLite's rollback journal, so a transaction that
+    writes both files (a briefing's message and its row) is atomic across them when the
+    app's file is in rollback mode too, and when it is in WAL the app's file commits
+    first: a crash in between leaves the message without the row, which the next run
+    finds by its title, never a row that names a message that is not there.
+    """
+
+    def __init__(self, path: str, **options):
+        self.state_path = os.path.join(os.path.dirname(os.path.abspath(path)), STATE_FILE)
+        super().__init__(path, **options)
+
+    def _add_conn_hooks(self, conn: sqlite3.Connection) -> None:
+        conn.execute('ATTACH DATABASE ? AS "%s"' % WORKER_SCHEMA, (self.state_path,))
+        super()._add_conn_hooks(conn)
+
+
+STATE_FILE = 'whitenote-huey.db'
+
+
 def connect_database(url: str) -> SqliteDatabase | PostgresqlDatabase:
-    """A SQLite file (WAL, waits on locks) or a pooled PostgreSQL connection.
+    """A SQLite file (waits on locks) with the worker's own beside it, or a pooled
+    PostgreSQL connection whose search_path is the web app's ``?schema=``.
 
     SQLite transactions take the write lock when they begin: one that read first and
     wrote later would fail at once ("database is locked") under a concurrent writer.
     """
-    if url.startswith('sqlite'):
-        # Transactions take the write lock at BEGIN: a reader that later writes would
-        # otherwise fail at once with "database is locked" instead of waiting.
-        return SqliteDatabase(sqlite_path(url), lock_type='IMMEDIATE', pragmas={
-            'journal_mode': 'wal', 'busy_timeout': 10000, 'foreign_keys': 1})
+    if is_sqlite(url):
+        return WorkerSqliteDatabase(sqlite_path(url), lock_type='IMMEDIATE', pragmas={
+            'busy_timeout': 10000, 'foreign_keys': 1})
     if 'gevent.monkey' in sys.modules and sys.modules['gevent.monkey'].is_module_patched('socket'):
         psycopg2.extensions.set_wait_callback(_gevent_wait)
+    url, schema = postgres_url_parts(url)
     params = parse_db_url(url, unquote_password=True, unquote_user=True)
+    if schema:
+        # The web app's tables are named without a schema in the worker's SQL.
+        params['options'] = ('%s -c search_path="%s"' % (params.get('options', ''), schema)).strip()
     return PooledPostgresqlDatabase(params.pop('database'), max_connections=64,
                                     stale_timeout=300, timeout=30, **params)
 
@@ -633,25 +764,6 @@ def redact(text: str, *keys: str) -> str:
         if key and len(key) >= 4:
             text = text.replace(key, '***')
     return _SECRET_PATTERNS.sub(lambda m: (m.group(1) or m.group(2) or '') + '***', text)
-
-
-# What printable() escapes: C0 and C1 controls (newlines, terminal escapes), DEL, the line
-# and paragraph separators, the bidirectional overrides, and lone surrogates.
-_UNPRINTABLE = re.compile('[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e'
-                          '\u2066-\u2069\ud800-\udfff]')
-_ESCAPES = {'\n': '\\n', '\r': '\\r', '\t': '\\t'}
-
-
-def printable(text: object) -> str:
-    """Untrusted text (an answer's error, a model name, a note) made safe for a log line or
-    a terminal: what could end the line, move the cursor or clear the screen is escaped,
-    as \\n, \\x1b or \\u202e, so it can neither forge a line nor rewrite one."""
-    return _UNPRINTABLE.sub(_escape, str(text))
-
-
-def _escape(match: re.Match) -> str:
-    char = match.group()
-    return _ESCAPES.get(char) or ('\\x%02x' % ord(char) if ord(char) < 0x100 else '\\u%04x' % ord(char))
 
 
 def clip(text: object, limit: int, *keys: str) -> str:
@@ -1496,6 +1608,56 @@ def redirect_refused(what: str, status: int, location: str | None, setting: str)
                                                        clip(location or '(nowhere)', 200), setting))
 
 
+# Keys the web app stores encrypted.
+
+# The web app's src/lib/crypto.ts: base64 of salt (64 bytes, unused), IV (16), GCM tag
+# (16) and the ciphertext, under PBKDF2-SHA256(secret, 'salt', 100,000 iterations).
+_SALT_BYTES, _IV_BYTES, _TAG_BYTES = 64, 16, 16
+_CIPHERTEXT_BYTES = _SALT_BYTES + _IV_BYTES + _TAG_BYTES + 1
+_BASE64 = re.compile(r'(?:[A-Za-z0-9+/]{4})+(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?')
+
+
+@functools.lru_cache(maxsize=4)
+def encryption_key(secret: str) -> bytes:
+    """The AES key derived from the web app's secret: once per process (tens of ms)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
+    return PBKDF2HMAC(hashes.SHA256(), 32, b'salt', 100_000).derive(secret.encode('utf-8'))
+
+
+def decrypt_key(value: str, setting: str) -> str:
+    """A key as the web app stored it in ``setting`` (e.g. AiConfig.openaiApiKey), usable.
+
+    Strict base64 of at least 97 bytes is the web app's ciphertext and is decrypted; any
+    other value is a key stored before encryption, used as it is.  Ciphertext that does
+    not decrypt raises PermanentError naming ENCRYPTION_KEY: it is never sent as a key.
+    No error holds key material (and none has a word after the setting's name that
+    redact() would take for a key).
+    """
+    value = value.strip()
+    if len(value) < 4 * -(-_CIPHERTEXT_BYTES // 3) or not _BASE64.fullmatch(value):
+        return value
+    raw = base64.b64decode(value)
+    if base64.b64encode(raw).decode('ascii') != value:  # padding bits set: not canonical
+        return value
+    source = settings.encryption_setting
+    if not settings.encryption_secret:
+        raise PermanentError('%s, stored encrypted by the web app, cannot be read: none of %s is '
+                             'set; set ENCRYPTION_KEY to the web app\'s' % (setting, ', '.join(ENCRYPTION_SETTINGS)))
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    iv = raw[_SALT_BYTES:_SALT_BYTES + _IV_BYTES]
+    tag = raw[_SALT_BYTES + _IV_BYTES:_CIPHERTEXT_BYTES - 1]
+    try:
+        plain = AESGCM(encryption_key(settings.encryption_secret)).decrypt(
+            iv, raw[_CIPHERTEXT_BYTES - 1:] + tag, None)
+    except InvalidTag:
+        where = '' if source == 'ENCRYPTION_KEY' else ' (taken from %s: ENCRYPTION_KEY is unset)' % source
+        raise PermanentError('%s, stored encrypted by the web app, does not decrypt with the key '
+                             'of ENCRYPTION_KEY%s: set ENCRYPTION_KEY to the web app\'s' % (setting, where)) from None
+    return plain.decode('utf-8', 'replace')
+
+
 # The model client.
 
 @dataclasses.dataclass(frozen=True)
@@ -1510,9 +1672,10 @@ class ModelSettings:
 def model_settings(config: AiConfig, model: str, env_model: str) -> ModelSettings | None:
     """The user's endpoint and ``model`` if they have a key, else the environment's
     endpoint and ``env_model``, else None (offline)."""
-    if config.openai_api_key:
+    if config.openai_api_key.strip():
         url, host = checked_url(config.openai_base_url, 'AiConfig.openaiBaseUrl')
-        return ModelSettings(url, config.openai_api_key, model, 'AiConfig.openaiBaseUrl', host)
+        return ModelSettings(url, decrypt_key(config.openai_api_key, 'AiConfig.openaiApiKey'), model,
+                             'AiConfig.openaiBaseUrl', host)
     if settings.openai_api_key:
         return ModelSettings(settings.openai_base_url, settings.openai_api_key, env_model)
     return None
@@ -1807,8 +1970,9 @@ def ragflow_settings(config: AiConfig, check: bool = True,
     ``enableRag`` is not consulted: it decides whether the web app's chat answers from
     RAGFlow, and keeping the dataset current means turning it on needs no backfill.
     An empty ``ragflowBaseUrl`` means RAGFLOW_BASE_URL; another one is checked by
-    checked_url (unless ``check`` is off: only to learn whether RAGFlow is configured,
-    and which dataset; such settings are not for calls).
+    checked_url and the key decrypted (decrypt_key), unless ``check`` is off: only to
+    learn whether RAGFlow is configured, and which dataset, the key left as stored; such
+    settings are not for calls.
     """
     workspaces = models.shape().workspaces
     dataset = (dataset_id or '') if workspaces else config.ragflow_dataset_id
@@ -1820,7 +1984,10 @@ def ragflow_settings(config: AiConfig, check: bool = True,
             url, setting = settings.ragflow_base_url, 'RAGFLOW_BASE_URL'
         elif check:
             url, host = checked_url(url, setting)
-        return RagflowSettings(url, config.ragflow_api_key.strip(), dataset.strip(), setting, host)
+        key = config.ragflow_api_key.strip()
+        if check:
+            key = decrypt_key(key, 'AiConfig.ragflowApiKey')
+        return RagflowSettings(url, key, dataset.strip(), setting, host)
     if settings.ragflow_api_key and settings.ragflow_dataset_id:
         return RagflowSettings(settings.ragflow_base_url, settings.ragflow_api_key,
                                dataset.strip() if workspaces else settings.ragflow_dataset_id)
@@ -2127,8 +2294,8 @@ BRIEFING_PROMPT = (
     '保持简洁，使用 markdown 格式。')
 BRIEFING_SEPARATOR = '\n---\n'
 # The ids of the briefing messages the worker made for the user (one parameter), in SQL.
-MADE_BRIEFING_IDS = ('(SELECT "message_id" FROM "whitenote_huey_briefing" '
-                     'WHERE "user_id" = ? AND "message_id" IS NOT NULL)')
+MADE_BRIEFING_IDS = ('(SELECT "message_id" FROM %s '
+                     'WHERE "user_id" = ? AND "message_id" IS NOT NULL)' % models.BRIEFING_TABLE)
 
 
 def briefing_time(value: str | None) -> datetime.time | None:
@@ -2997,7 +3164,7 @@ def auto_tag_body(run: JobRun, kind: ContentKind, content_id: str, this_task: Ta
     if endpoint is None:
         names, how = offline_tags(item.content, known_tags), 'offline (no model key)'
     else:
-        run.secrets = (endpoint.api_key,)
+        run.secrets = (endpoint.api_key, config.openai_api_key)
         answer = ask_model(endpoint, tag_prompt(item.content, known_tags))
         names, how = validate_tags(parse_tag_answer(answer)), 'model %s' % endpoint.model
     with database.atomic():
@@ -3073,6 +3240,7 @@ def sync_body(run: JobRun, kind: ContentKind, content_id: str, this_task: TaskWr
                    % ('workspace' if models.shape().workspaces else 'user'))
         return
     run.secrets = tuple(target.api_key for target in (endpoint, moved_from) if target is not None)
+    run.secrets += (config.ragflow_api_key,)  # as stored: the web app's ciphertext, maybe
     text = None  # for a deleted message what is wanted is no document in this dataset
     if item is not None and endpoint is not None:
         text = document_text(item.content, message_tag_names(content_id, kind.links))
@@ -3289,7 +3457,7 @@ def write_briefing(run: BriefingRun, config: AiConfig, existing: str | None,
     if endpoint is None:
         body, how = offline_briefing(covered, messages), 'offline (no model key)'
     else:
-        run.secrets = (endpoint.api_key,)
+        run.secrets = (endpoint.api_key, config.openai_api_key)
         answer = ask_model(endpoint, briefing_prompt(config, covered, len(messages)), 0.7)
         body = briefing_text(answer)
         if not body:
@@ -3440,6 +3608,218 @@ def start_sweeps() -> None:
             logger.warning('[sweep] %s pass failed, the next one will catch up: %s', reason,
                            clip('%s: %s' % (type(exc).__name__, exc), 300))
 
+
+
+# The web app's queue.
+
+WORKER_STATUS_KEY = 'worker:status'  # read by the web app's health page
+WORKER_STATUS_TTL = 60  # seconds, renewed every third of it: a killed consumer's entry lapses
+_WEBAPP_ID = re.compile(r'[A-Za-z0-9_-]{1,128}')
+_CLEAR_STATUS = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
+                 "return redis.call('del', KEYS[1]) end return 0")
+
+
+class UnusableJob(Exception):
+    """A job from the web app's queue that is failed, never retried: the text says why."""
+
+
+class NotHandled(UnusableJob):
+    """A kind of job the web app enqueues that this worker does not do (yet)."""
+
+
+def webapp_ids(name: str, data: object, *fields: str) -> list[str]:
+    """The id strings ``fields`` of a job's data; UnusableJob naming what is wrong.
+    Other fields (workspaceId, contentType from later versions of the web app) may be there."""
+    if not isinstance(data, dict):
+        raise UnusableJob('%s job: its data is not an object' % name)
+    ids = []
+    for field in fields:
+        value = data.get(field)
+        if not isinstance(value, str) or not _WEBAPP_ID.fullmatch(value):
+            raise UnusableJob('%s job: its data has no valid %s (an id of 1-128 letters, '
+                              'digits, _ or -)' % (name, field))
+        ids.append(value)
+    return ids
+
+
+def take_content_job(name: str, data: object) -> str:
+    """``auto-tag`` or ``sync-ragflow`` of one message (``{userId, messageId}``), or with
+    ``contentType: 'comment'`` of one comment (its id in ``messageId``); ``auto-tag-comment``
+    of one comment (``{userId, commentId}``).  Each becomes the jobs the item needs, as
+    enqueue_message_jobs decides: the web app sends a new note's (or comment's) tagging
+    and its sync side by side, and taken as one the item reaches RAGFlow once, tagged."""
+    field = 'commentId' if name == 'auto-tag-comment' else 'messageId'
+    user_id, content_id = webapp_ids(name, data, 'userId', field)
+    content = 'comment' if name == 'auto-tag-comment' else data.get('contentType') or 'message'
+    if content not in ('message', 'comment'):
+        raise UnusableJob('%s job: contentType %s is neither message nor comment'
+                          % (name, printable(repr(content))[:40]))
+    with database.connection_context():
+        if content == 'comment' and not models.shape().workspaces:
+            raise UnusableJob('%s job: a comment, but this WhiteNote (%s) has no comments'
+                              % (name, models.shape().name))
+        jobs = (enqueue_comment_jobs if content == 'comment' else enqueue_message_jobs)(user_id, content_id)
+    return 'enqueued %s for %s %s (user %s)' % (', '.join(jobs) or 'nothing', content, content_id, user_id)
+
+
+def take_daily_briefing(name: str, data: object) -> str:
+    """The web app's repeatable briefing job: the briefings due now (each day's row makes
+    each briefing once, whoever else enqueues it)."""
+    with database.connection_context():
+        due = dispatch_briefings()
+    return 'enqueued %d due briefing(s)' % len(due)
+
+
+def not_handled(name: str, data: object) -> str:
+    raise NotHandled(name)
+
+
+# What each job of the web app's queue, by name, becomes here.
+WEBAPP_JOBS: dict[str, Callable[[str, object], str]] = {
+    'auto-tag': take_content_job,
+    'sync-ragflow': take_content_job,
+    'auto-tag-comment': take_content_job,
+    'daily-briefing': take_daily_briefing,
+    'sync-to-local': not_handled,
+    'create-message-from-file': not_handled,
+    'create-workspace-from-folder': not_handled,
+}
+
+
+class WebAppBridge:
+    """What makes a consumer WhiteNote's worker in the web app's eyes, in a thread of its
+    own with its own event loop: it takes the jobs the web app enqueues on BullMQ (with
+    the official bullmq package), each at once enqueued as the matching task, and it
+    keeps the Redis key worker:status that the web app's health page reads.
+
+    One per consumer (see start_webapp_bridge).  A job taken but not yet enqueued when
+    the consumer dies is BullMQ's to hand out again once its lock lapses, and the sweep
+    finds its message either way: the database stays the truth.
+    """
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._status = json.dumps({'running': True, 'startedAt': datetime.datetime.now(datetime.UTC)
+                                   .isoformat(timespec='milliseconds').replace('+00:00', 'Z'),
+                                   'pid': os.getpid()})
+        self._told: set[str] = set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=asyncio.run, args=(self._main(),),
+                                        name='webapp-bridge', daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Close the taker (a job under way finishes) and clear worker:status; idempotent."""
+        thread, loop, stopping = self._thread, self._loop, self._stopping
+        if thread is None or not thread.is_alive() or loop is None or stopping is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(stopping.set)
+        thread.join(timeout)
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        taker = None
+        if settings.bullmq_queue:
+            # Imported here: only a consumer that takes the web app's jobs pays its memory.
+            from bullmq import Worker
+            taker = Worker(settings.bullmq_queue, self._take, {
+                'connection': settings.redis_url, 'concurrency': 1, 'name': 'whitenote-huey'})
+            taker.on('error', self._error)
+            logger.info('[bullmq] taking the web app\'s jobs from queue %r', settings.bullmq_queue)
+        status = asyncio.ensure_future(self._keep_status())
+        await self._stopping.wait()
+        if taker is not None:
+            await taker.close()
+            logger.info('[bullmq] stopped taking jobs from queue %r', settings.bullmq_queue)
+        status.cancel()
+        self._clear_status()
+
+    async def _take(self, job, token: str) -> str:
+        """One job: validated and enqueued as the matching task (the job then completes),
+        or failed for good with the reason.  The handler runs on the loop itself: a Redis
+        round trip or a few queries, and no thread pool's threads (memory) for so little."""
+        from bullmq import UnrecoverableError
+        fields = {'kind': job.name, 'bullmq_job': job.id}
+        handler = WEBAPP_JOBS.get(job.name)
+        try:
+            if handler is None:
+                raise UnusableJob('unknown job name %r: this worker takes %s' % (
+                    str(job.name)[:60], ', '.join(sorted(name for name, take in WEBAPP_JOBS.items()
+                                                         if take is not not_handled))))
+            outcome = handler(job.name, job.data)
+        except NotHandled as exc:
+            reason = 'job kind %s is not handled here (whitenote-huey does not do it)' % exc
+            if str(exc) not in self._told:
+                self._told.add(str(exc))
+                logger.warning('[bullmq] %s; failing each such job (said once per start)',
+                               reason, extra=fields)
+            raise UnrecoverableError(reason) from None
+        except UnusableJob as exc:
+            logger.warning('[bullmq] job %s failed, not retried: %s', job.id, exc, extra=fields)
+            raise UnrecoverableError(str(exc)) from None
+        logger.info('[bullmq] job %s: %s', job.id, outcome, extra=fields)
+        return outcome
+
+    def _error(self, error: Exception, *args) -> None:
+        logger.warning('[bullmq] %s', queue_error(error))
+
+    async def _keep_status(self) -> None:
+        while True:
+            try:
+                huey.storage.conn.set(WORKER_STATUS_KEY, self._status, ex=WORKER_STATUS_TTL)
+            except RedisError as exc:
+                logger.warning('cannot write %s: %s', WORKER_STATUS_KEY, queue_error(exc))
+            await asyncio.sleep(WORKER_STATUS_TTL / 3)
+
+    def _clear_status(self) -> None:
+        """Delete worker:status if it is still this consumer's (another may have written it since)."""
+        try:
+            huey.storage.conn.eval(_CLEAR_STATUS, 1, WORKER_STATUS_KEY, self._status)
+        except RedisError as exc:
+            logger.warning('cannot clear %s: %s', WORKER_STATUS_KEY, queue_error(exc))
+
+
+bridge = WebAppBridge()
+# The pid of the worker process that runs this consumer's bridge; made at import, before
+# huey_consumer starts its workers, so process workers share it too.
+_bridge_owner = multiprocessing.Value('i', 0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+@huey.on_startup()
+def start_webapp_bridge() -> None:
+    """With REDIS_URL set, the consumer's first worker starts the bridge; the hook runs in
+    every worker, thread or process, and the others leave it at that.  A process worker
+    that died is replaced, and its replacement starts the bridge again."""
+    if not settings.redis_url:
+        return
+    with _bridge_owner.get_lock():
+        owner = _bridge_owner.value
+        if owner and (owner == os.getpid() or _alive(owner)):
+            return
+        _bridge_owner.value = os.getpid()
+    bridge.start()
+    atexit.register(bridge.stop)  # a consumer stopped at once skips the shutdown hooks
+
+
+@huey.on_shutdown()
+def stop_webapp_bridge() -> None:
+    """Each worker runs this at a clean stop; only the bridge's own process has one to stop."""
+    bridge.stop()
 
 # Command line.
 

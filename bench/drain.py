@@ -34,8 +34,9 @@ def make_messages(fake, count: int, users: int = 20) -> list[tuple[str, str]]:
 
 
 def reset_worker_state() -> None:
+    from models import JOB_TABLE
     from models import database
-    database.execute_sql('TRUNCATE "whitenote_huey_job", "MessageTag", "Tag"')
+    database.execute_sql('TRUNCATE %s, "MessageTag", "Tag"' % JOB_TABLE)
 
 
 def done_count() -> int:

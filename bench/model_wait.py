@@ -47,8 +47,9 @@ def done() -> int:
 
 def run(workdir: str, env: dict, warm_up: list, pairs: list, worker_type: str, workers: int) -> dict:
     import whitenote_huey
+    from models import JOB_TABLE
     from models import database
-    database.execute_sql('TRUNCATE "whitenote_huey_job", "MessageTag", "Tag"')
+    database.execute_sql('TRUNCATE %s, "MessageTag", "Tag"' % JOB_TABLE)
     env = dict(env, WORKERS=str(workers), WORKER_TYPE=worker_type)
     with common.Consumer(workdir, env) as consumer:
         for user_id, message_id in warm_up:

@@ -74,13 +74,13 @@ def build(database, messages: int, users: int) -> None:
                       "createdAt" + interval '1 hour', id
                FROM "Message" WHERE hashtext(id) %% 5 = 0 AND "createdAt" < %s - interval '1 hour' ''',
             (now,))
-        sql('''INSERT INTO whitenote_huey_job (kind, message_id, user_id, status, content_hash,
+        sql('INSERT INTO ' + models.JOB_TABLE + ''' (kind, message_id, user_id, status, content_hash,
                                                attempts, tags_added, created_at, updated_at)
                SELECT 'auto-tag', id, "authorId", 'done',
                       encode(sha256(convert_to(content, 'UTF8') || '\\x00'::bytea), 'hex'),
                       1, '[]', %s, %s
                FROM "Message"''', (now, now))
-        sql('''INSERT INTO whitenote_huey_job (kind, message_id, user_id, status, content_hash,
+        sql('INSERT INTO ' + models.JOB_TABLE + ''' (kind, message_id, user_id, status, content_hash,
                                                attempts, tags_added, document_id, dataset_id,
                                                created_at, updated_at)
                SELECT 'sync-ragflow', m.id, m."authorId", 'done',

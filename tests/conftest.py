@@ -25,9 +25,12 @@ os.environ.update({
     'HTTP_TIMEOUT': '2',
     # A queue of this run's own, so test runs sharing a Redis never take each other's jobs.
     'WHITENOTE_QUEUE': 'whitenote_test_%d' % os.getpid(),
+    # The web app's BullMQ queue, of this run's own too.
+    'BULLMQ_QUEUE': 'whitenote-tasks-test-%d' % os.getpid(),
 })
-for name in ('OPENAI_API_KEY', 'OPENAI_BASE_URL', 'AUTO_TAG_MODEL', 'RAGFLOW_BASE_URL',
-             'RAGFLOW_API_KEY', 'RAGFLOW_DATASET_ID', 'REDIS_URL'):
+for name in ('OPENAI_API_KEY', 'OPENAI_BASE_URL', 'OPENAI_MODEL', 'AUTO_TAG_MODEL', 'BRIEFING_MODEL',
+             'RAGFLOW_BASE_URL', 'RAGFLOW_API_KEY', 'RAGFLOW_DATASET_ID', 'REDIS_URL',
+             'ENCRYPTION_KEY', 'AUTH_SECRET', 'NEXTAUTH_SECRET', 'WHITENOTE_ENV_FILE'):
     os.environ.pop(name, None)
 if services.redis_reachable(services.REDIS_URL):
     os.environ['REDIS_URL'] = services.REDIS_URL

@@ -3,10 +3,12 @@ import dataclasses
 import datetime
 import json
 import os
+import shutil
 import socket
 import socketserver
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from urllib.parse import urlparse
@@ -28,6 +30,8 @@ HOW_TO_ENABLE = {
     'postgresql': 'start PostgreSQL on 127.0.0.1:5432 (user postgres, database test) '
                   'or set TEST_DATABASE_URL',
     'redis-server': 'install redis-server: the crash tests start Redis servers of their own',
+    'node': "install Node.js 20 and npm: the tests enqueue with the web app's own BullMQ client "
+            '(npm bullmq@5) and make key vectors with Node\'s crypto',
 }
 
 
@@ -106,9 +110,12 @@ def create_webapp_tables(database, schema: str = SCHEMA_SQL) -> None:
 
 
 def truncate_all(database) -> None:
-    tables = [t for t in database.get_tables()]
+    """Empty the web app's tables and the worker's own (in their schema)."""
+    from models import WORKER_SCHEMA
+    tables = ['"%s"' % t for t in database.get_tables()]
+    tables += ['"%s"."%s"' % (WORKER_SCHEMA, t) for t in database.get_tables(schema=WORKER_SCHEMA)]
     if tables:
-        database.execute_sql('TRUNCATE %s CASCADE' % ', '.join('"%s"' % t for t in tables))
+        database.execute_sql('TRUNCATE %s CASCADE' % ', '.join(tables))
 
 
 @dataclasses.dataclass
@@ -438,3 +445,82 @@ class CaptureServer:
     @property
     def url(self) -> str:
         return 'http://127.0.0.1:%d' % self.port
+
+
+# The web app's side, played by its own Node packages.
+
+NODE_CACHE = os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'),
+                          'whitenote-huey-tests')
+WEBAPP_QUEUE_JS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'webapp_queue.cjs')
+
+
+def node_available() -> bool:
+    return bool(shutil.which('node') and shutil.which('npm'))
+
+
+def npm_packages(name: str, *packages: str) -> str:
+    """A folder of the cache whose node_modules holds ``packages`` (npm specs), installed
+    once: into a temporary folder, then renamed into place, so that concurrent runs never
+    see half an install.  Skips (fails under WHITENOTE_REQUIRE_SERVICES=1) without node."""
+    require('node', node_available())
+    target = os.path.join(NODE_CACHE, name)
+    if os.path.isdir(os.path.join(target, 'node_modules')):
+        return target
+    os.makedirs(NODE_CACHE, exist_ok=True)
+    building = tempfile.mkdtemp(prefix=name + '.', dir=NODE_CACHE)
+    try:
+        with open(os.path.join(building, 'package.json'), 'w') as handle:
+            json.dump({'name': 'whitenote-huey-tests-' + name, 'private': True}, handle)
+        subprocess.run(['npm', 'install', '--no-audit', '--no-fund', '--loglevel=error', *packages],
+                       cwd=building, check=True, capture_output=True, timeout=600)
+        try:
+            os.rename(building, target)
+        except OSError:  # another run put it in place first
+            if not os.path.isdir(os.path.join(target, 'node_modules')):
+                raise
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return target
+
+
+class WebAppQueue:
+    """The web app's BullMQ queue, driven through its own Node client (npm bullmq@5)."""
+
+    def __init__(self, redis_url: str, name: str):
+        self.redis_url = redis_url
+        self.name = name
+        self.modules = os.path.join(npm_packages('bullmq5', 'bullmq@5'), 'node_modules')
+
+    def _run(self, command: str, payload=None):
+        result = subprocess.run(['node', WEBAPP_QUEUE_JS, self.redis_url, self.name, command],
+                                input=json.dumps(payload), capture_output=True, text=True,
+                                timeout=300, env=dict(os.environ, NODE_PATH=self.modules))
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def add(self, *jobs: tuple[str, object]) -> list[str]:
+        """addTask(type, data) for each (type, data), one after the other; the job ids."""
+        return self._run('add', [{'type': kind, 'data': data} for kind, data in jobs])
+
+    def add_paced(self, jobs: list[tuple[str, object]], pause: tuple[float, float]) -> list[tuple[str, float]]:
+        """add() one job at a time after a random pause of ``pause`` seconds: (id, when added, s)."""
+        added = self._run('paced', {'jobs': [{'type': kind, 'data': data} for kind, data in jobs],
+                                    'pause': [1000 * pause[0], 1000 * pause[1]]})
+        return [(job_id, at / 1000) for job_id, at in added]
+
+    def add_cron(self, kind: str, pattern: str) -> str:
+        return self._run('cron', {'type': kind, 'pattern': pattern})
+
+    def counts(self) -> dict:
+        return self._run('counts')
+
+    def failed(self) -> list[dict]:
+        return self._run('failed')
+
+    def workers(self) -> int:
+        return self._run('workers')
+
+    def settled(self) -> bool:
+        """Nothing waiting or running."""
+        counts = self.counts()
+        return not (counts['wait'] or counts['active'] or counts['prioritized'])

@@ -132,11 +132,26 @@ def test_redis_with_a_password(db, tmp_path):
 def test_redis_acl_user_limited_to_the_queue_keys(db, tmp_path):
     with RedisServer(str(tmp_path)) as server:
         admin = redis.Redis(port=server.port)
-        # What the README suggests: the queue's keys only, no dangerous commands.
+        # What the README suggests: the worker's keys only, no dangerous commands.
+        queue = os.environ['BULLMQ_QUEUE']
         admin.execute_command('ACL', 'SETUSER', 'whitenote', 'on', '>' + PASSWORD, '~huey.*',
-                              'resetchannels', '+@all', '-@dangerous')
+                              '~bull:%s:*' % queue, '~worker:status', 'resetchannels', '+@all',
+                              '-@dangerous', '+info')
         url = redis_url(server.port, PASSWORD, user='whitenote')
-        run_one_job(db.url, url, str(tmp_path))
+        log = run_one_job(db.url, url, str(tmp_path))
+        assert 'NOPERM' not in log and 'no permissions' not in log, log[-2000:]
+        # The web app's jobs, taken by a consumer under that user.
+        user = make_user(config=None)
+        note = make_message(user, 'from the web app #acl')
+        services.WebAppQueue(server.url, queue).add(('auto-tag', {'userId': user.id, 'messageId': note.id}))
+        consumer = Consumer(worker_env(db.url, url), str(tmp_path), '-w', '1',
+                            log_path=str(tmp_path / 'acl.log')).start()
+        try:
+            wait_for(lambda: tag_names(note.id) == ['acl'], what="the web app's job under the ACL user")
+            assert admin.get('worker:status')
+        finally:
+            assert consumer.stop() == 0
+        assert 'NOPERM' not in consumer.log() and 'no permissions' not in consumer.log()
         limited = redis.Redis.from_url(url)
         admin.set('webapp:session', 'not the worker\'s')
         for command in (('GET', 'webapp:session'), ('FLUSHALL',), ('KEYS', '*'), ('CONFIG', 'GET', '*')):
@@ -299,7 +314,8 @@ def test_postgresql_with_tls_and_a_password(tmp_path):
 
 
 def test_least_privilege_role_runs_the_worker(redis_queue, tmp_path):
-    """A role that can write the web app's rows and create its own tables, and no more."""
+    """A role that can write the web app's rows and make its own schema, and no more: it
+    cannot create anything in the web app's schema."""
     services.require('postgresql', services.postgres_reachable())
     role = 'whitenote_worker_%d' % os.getpid()
     url = create_test_database('_role')
@@ -308,8 +324,9 @@ def test_least_privilege_role_runs_the_worker(redis_queue, tmp_path):
     owner = psycopg2.connect(url)
     owner.autocommit = True
     cursor = owner.cursor()
-    for grant in ('GRANT CONNECT ON DATABASE %s TO %%s' % url.rsplit('/', 1)[1],
-                  'GRANT USAGE, CREATE ON SCHEMA public TO %s',
+    cursor.execute('REVOKE CREATE ON SCHEMA public FROM PUBLIC')  # the default before PostgreSQL 15
+    for grant in ('GRANT CONNECT, CREATE ON DATABASE %s TO %%s' % url.rsplit('/', 1)[1],
+                  'GRANT USAGE ON SCHEMA public TO %s',
                   'GRANT SELECT, INSERT, UPDATE, DELETE ON "User", "AiConfig", "Message", "Tag", '
                   '"MessageTag", "MessageVersion" TO %s'):
         cursor.execute(grant % role)
@@ -329,8 +346,11 @@ def test_least_privilege_role_runs_the_worker(redis_queue, tmp_path):
             wait_for(lambda: tag_names(note.id) == ['minimal'], what='auto-tag as the role')
         finally:
             assert consumer.stop() == 0
-        cursor.execute('SELECT tableowner FROM pg_tables WHERE tablename = %s', ('whitenote_huey_job',))
-        assert cursor.fetchone() == (role,)
+        cursor.execute('SELECT schemaname, tableowner FROM pg_tables WHERE tablename = %s',
+                       ('whitenote_huey_job',))
+        assert cursor.fetchall() == [(models.WORKER_SCHEMA, role)]
+        with pytest.raises(peewee.ProgrammingError, match='permission denied for schema public'):
+            models.database.execute_sql('CREATE TABLE "public"."worker_extra" (id integer)')
         with pytest.raises(peewee.ProgrammingError, match='must be owner'):
             models.database.execute_sql('ALTER TABLE "Message" ADD COLUMN "extra" integer')
     finally:

@@ -135,9 +135,11 @@ def test_init_db_on_an_empty_database_creates_everything_twice_harmlessly(db, tm
     if db.kind == 'postgresql':
         for table in db.handle.get_tables():
             db.handle.execute_sql('DROP TABLE "%s" CASCADE' % table)
+        db.handle.execute_sql('DROP SCHEMA "%s" CASCADE' % models.WORKER_SCHEMA)
         url = db.url
     else:
-        url = 'sqlite:///%s/empty.db' % tmp_path
+        (tmp_path / 'empty').mkdir()  # its own directory: the worker's file goes beside it
+        url = 'sqlite:///%s/empty/empty.db' % tmp_path
     env = {k: v for k, v in subprocess_env({}).items() if k not in CLEAN_ENV}
     env['DATABASE_URL'] = url
     cli = [sys.executable, '-m', 'whitenote_huey', 'init-db']

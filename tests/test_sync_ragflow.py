@@ -340,10 +340,13 @@ def test_load_settings_reads_ragflow_settings():
     defaults = whitenote_huey.load_settings({})
     assert (defaults.ragflow_base_url, defaults.ragflow_api_key) == ('http://localhost:4154', '')
     for bad, named in [({'RAGFLOW_BASE_URL': 'ftp://rag'}, 'RAGFLOW_BASE_URL'),
-                       ({'RAGFLOW_API_KEY': 'k'}, 'RAGFLOW_DATASET_ID'),
                        ({'RAGFLOW_DATASET_ID': 'd'}, 'RAGFLOW_API_KEY')]:
         with pytest.raises(whitenote_huey.SettingsError, match=named):
             whitenote_huey.load_settings(bad)
+    # The web app's .env may name a key alone (it seeds new users' settings with it):
+    # accepted, and with no dataset it makes no environment's dataset.
+    key_alone = whitenote_huey.load_settings({'RAGFLOW_API_KEY': 'k'})
+    assert (key_alone.ragflow_api_key, key_alone.ragflow_dataset_id) == ('k', '')
 
 
 # Triggers.
