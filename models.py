@@ -14,24 +14,33 @@ import dataclasses
 import datetime
 import functools
 import json
+import operator
 import os
+import re
 import secrets
 import threading
 import time
 import typing
 
+from peewee import SQL
 from peewee import AutoField
 from peewee import BooleanField
+from peewee import Case
 from peewee import CompositeKey
 from peewee import DatabaseError
 from peewee import DatabaseProxy
 from peewee import DateField
 from peewee import DateTimeField
+from peewee import Expression
 from peewee import ForeignKeyField
 from peewee import IntegerField
 from peewee import Model
+from peewee import Node
 from peewee import PostgresqlDatabase
+from peewee import SqliteDatabase
 from peewee import TextField
+from peewee import Value
+from peewee import fn
 
 database = DatabaseProxy()
 
@@ -142,11 +151,21 @@ class Shape:
     ``workspaces``: notes live in workspaces, which hold the auto-tag and briefing
     switches and the RAGFlow dataset; comments carry tags; a message may have no
     author (a system message, such as the briefing).
+    ``briefing_columns``: the web app keeps briefing settings (``briefingTime``,
+    ``briefingModel``, an ``enableBriefing`` switch); without them the briefing is the
+    worker's own, opt-in (WHITENOTE_BRIEFINGS, BRIEFING_TIME, the user's ``openaiModel``).
+    ``app_runs_jobs``: the web app tags and syncs new notes in its own process, on a
+    queue a restart empties: the worker does what was lost, never what the app did.
+    ``text_dates``: the web app writes its times as Prisma's SQLite adapter does, as
+    text (see app_time()).
     """
     name: str
     versions: str
     workspaces: bool
     columns: dict[str, frozenset[str]]
+    briefing_columns: bool = True
+    app_runs_jobs: bool = False
+    text_dates: bool = False
 
     def missing(self, found: dict[str, set[str]]) -> list[str]:
         """The "Table.column" names this shape needs and ``found`` lacks."""
@@ -182,7 +201,16 @@ WORKSPACES = Shape('workspaces', 'workspaces, comments and system messages (Whit
     Comment='id content createdAt messageId authorId',
     CommentTag='commentId tagId',
 ))
-SHAPES = (WORKSPACES, STAGE7)  # the first whose columns are all there is the one
+TODAY = Shape('today', 'SQLite, no Redis, no briefing (WhiteNote 36e5fc2 to caae1ff)', True, _columns(
+    **_SHARED_COLUMNS,
+    Message='id title content createdAt updatedAt isStarred isPinned authorId workspaceId',
+    AiConfig='id userId openaiBaseUrl openaiApiKey openaiModel ragflowBaseUrl ragflowApiKey autoTagModel '
+             'aiPersonality aiExpertise',
+    Workspace='id name isDefault userId enableAutoTag ragflowDatasetId createdAt',
+    Comment='id content createdAt messageId authorId',
+    CommentTag='commentId tagId',
+), briefing_columns=False, app_runs_jobs=True, text_dates=True)
+SHAPES = (WORKSPACES, TODAY, STAGE7)  # the first whose columns are all there is the one
 
 
 class UnknownShape(Exception):
@@ -224,6 +252,133 @@ def shape() -> Shape:
     return getattr(database.obj, 'whitenote_shape', None) or detect_shape()
 
 
+# Times in the web app's tables.
+#
+# Prisma on PostgreSQL keeps naive UTC in timestamp(3) columns.  Today's WhiteNote on
+# SQLite (Prisma 7's better-sqlite3 adapter) writes a DateTime as text such as
+# 2026-12-02T05:01:41.383+00:00, and reads back the other forms a row may hold:
+# 2026-12-02 05:01:41 (SQLite's CURRENT_TIMESTAMP, and what the worker wrote before),
+# with or without fractions, an offset, and epoch milliseconds.  SQLite compares text as
+# text ('2026-12-01T15:00...' >= '2026-12-01 16:00:00' is true), so on SQLite every range
+# over such a column is time_range()'s, rows are ordered by sortable_time(), what is read
+# goes through parse_time(), and what the worker writes through app_time().
+
+_TIME_TEXT = re.compile(r'\s*(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,9}))?)?)?'
+                        r'\s*(Z|[+-]\d{2}(?::?\d{2})?)?\s*', re.IGNORECASE)
+_EPOCH = datetime.datetime(1970, 1, 1)
+_NORMAL_TIME = '%Y-%m-%d %H:%M:%f'  # SQLite's strftime(): what it makes of any form, in UTC, to the ms
+_FAR = 1 << 62  # beyond any epoch milliseconds
+
+
+def parse_time(value: object) -> datetime.datetime | None:
+    """A time from the web app's tables, in any form they hold (a datetime, Prisma's
+    text, SQLite's, epoch milliseconds), as naive UTC; None stays None.  ValueError
+    names a value that is no time."""
+    if value is None:
+        return None
+    if isinstance(value, datetime.datetime):
+        return value if value.tzinfo is None else value.astimezone(datetime.UTC).replace(tzinfo=None)
+    if isinstance(value, datetime.date):
+        return datetime.datetime.combine(value, datetime.time())
+    if isinstance(value, bytes):
+        value = value.decode('ascii', 'replace')
+    if isinstance(value, str) and value.strip().lstrip('-').isdigit():
+        value = int(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _EPOCH + datetime.timedelta(milliseconds=value)
+    match = _TIME_TEXT.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError('not a time: %r' % (value if not isinstance(value, str) else value[:40]))
+    year, month, day, hour, minute, second, fraction, zone = match.groups()
+    when = datetime.datetime(int(year), int(month), int(day), int(hour or 0), int(minute or 0),
+                             int(second or 0), int((fraction or '0')[:6].ljust(6, '0')))
+    if zone and zone.upper() != 'Z':
+        digits = zone[1:].replace(':', '').ljust(4, '0')
+        offset = datetime.timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
+        when = when - offset if zone[0] == '+' else when + offset
+    return when
+
+
+def text_dates() -> bool:
+    """Whether the bound database's web app writes its times as text (today's, on SQLite)."""
+    if not isinstance(database.obj, SqliteDatabase):
+        return False
+    try:
+        return shape().text_dates
+    except UnknownShape:
+        return False
+
+
+def app_time(value: datetime.datetime) -> 'datetime.datetime | str':
+    """A naive UTC time as the bound database's web app writes it: Prisma's SQLite
+    adapter's text (2026-12-02T05:01:41.383+00:00) beside today's WhiteNote, else as
+    it is (PostgreSQL's timestamp, the embedded database's text)."""
+    if not isinstance(value, datetime.datetime) or not text_dates():
+        return value
+    return parse_time(value).isoformat(timespec='milliseconds') + '+00:00'
+
+
+class AppDateTimeField(DateTimeField):
+    """A DateTime column of the web app's tables: written as its web app writes it
+    (app_time), read from any form a row holds (parse_time)."""
+
+    def db_value(self, value):
+        return app_time(value) if isinstance(value, datetime.datetime) else super().db_value(value)
+
+    def python_value(self, value):
+        return parse_time(value)
+
+
+def _ceil_millis(when: datetime.datetime) -> datetime.datetime:
+    """``when`` up to the next millisecond: the web app's times have no finer grain."""
+    extra = when.microsecond % 1000
+    return when + datetime.timedelta(microseconds=1000 - extra) if extra else when
+
+
+def time_range(column: Node, start: datetime.datetime | None,
+               end: datetime.datetime | None) -> Expression:
+    """Where ``column``, a time of the web app's tables, is in [start, end) (naive UTC,
+    None for no bound), whatever form each row holds.
+
+    On SQLite: rows holding text within a day of the range either side (an index range
+    that takes every form of text, offsets of up to a day included), of which those whose
+    time, as SQLite reads it, is in the range; or rows holding epoch milliseconds in it.
+    """
+    if not isinstance(database.obj, SqliteDatabase):
+        bounds = ([] if start is None else [column >= start]) + ([] if end is None else [column < end])
+        return functools.reduce(operator.and_, bounds) if bounds else Value(1) == 1
+    start, end = (None if when is None else _ceil_millis(when) for when in (start, end))
+    day = datetime.timedelta(days=1)
+    low_text = '' if start is None or start < datetime.datetime.min + day else (start - day).date().isoformat()
+    high_text = '~' if end is None or end > datetime.datetime.max - day else (end + day).date().isoformat() + '~'
+    low_time = '' if start is None else start.isoformat(' ', 'milliseconds')
+    high_time = '~' if end is None else end.isoformat(' ', 'milliseconds')
+    normal = fn.strftime(_NORMAL_TIME, column)
+    as_text = ((column >= Value(low_text, converter=False)) & (column < Value(high_text, converter=False))
+               & (normal >= low_time) & (normal < high_time))
+    low_millis = -_FAR if start is None else (start - _EPOCH) // datetime.timedelta(milliseconds=1)
+    high_millis = _FAR if end is None else (end - _EPOCH) // datetime.timedelta(milliseconds=1)
+    as_millis = (column >= Value(low_millis, converter=False)) & (column < Value(high_millis, converter=False))
+    return as_text | as_millis
+
+
+def time_range_sql(column: str, start: datetime.datetime | None,
+                   end: datetime.datetime | None) -> tuple[str, list]:
+    """time_range() for hand-written SQL: its text and parameters, ``column`` as SQL names it."""
+    text, params = database.get_sql_context().sql(time_range(SQL(column), start, end)).query()
+    return text, list(params)
+
+
+def sortable_time(column: Node) -> Node:
+    """What orders rows by ``column``, a time of the web app's tables, as times: on SQLite,
+    whatever form each row holds, the text SQLite makes of it in UTC."""
+    if not isinstance(database.obj, SqliteDatabase):
+        return column
+    return Case(None, [(fn.typeof(column) == 'integer',
+                        fn.strftime(_NORMAL_TIME, column / 1000.0, 'unixepoch'))],
+                fn.strftime(_NORMAL_TIME, column))
+
+
 # WhiteNote's tables.
 
 class User(BaseModel):
@@ -232,9 +387,9 @@ class User(BaseModel):
     password_hash = TextField(column_name='passwordHash', default='')
     name = TextField(null=True)
     avatar = TextField(null=True)
-    created_at = DateTimeField(column_name='createdAt', default=utcnow)
-    updated_at = DateTimeField(column_name='updatedAt', default=utcnow)
-    email_verified = DateTimeField(column_name='emailVerified', null=True)
+    created_at = AppDateTimeField(column_name='createdAt', default=utcnow)
+    updated_at = AppDateTimeField(column_name='updatedAt', default=utcnow)
+    email_verified = AppDateTimeField(column_name='emailVerified', null=True)
 
     class Meta:
         table_name = 'User'
@@ -251,8 +406,8 @@ class AiConfig(BaseModel):
     ragflow_api_key = TextField(column_name='ragflowApiKey', default='')
     ragflow_chat_id = TextField(column_name='ragflowChatId', default='')
     ragflow_dataset_id = TextField(column_name='ragflowDatasetId', default='')
-    rag_time_filter_start = DateTimeField(column_name='ragTimeFilterStart', null=True)
-    rag_time_filter_end = DateTimeField(column_name='ragTimeFilterEnd', null=True)
+    rag_time_filter_start = AppDateTimeField(column_name='ragTimeFilterStart', null=True)
+    rag_time_filter_end = AppDateTimeField(column_name='ragTimeFilterEnd', null=True)
     enable_auto_tag = BooleanField(column_name='enableAutoTag', default=True)
     auto_tag_model = TextField(column_name='autoTagModel', default='gpt-3.5-turbo')
     enable_briefing = BooleanField(column_name='enableBriefing', default=True)
@@ -261,7 +416,7 @@ class AiConfig(BaseModel):
     ai_personality = TextField(column_name='aiPersonality', default='friendly')
     ai_expertise = TextField(column_name='aiExpertise', null=True)
     enable_link_suggestion = BooleanField(column_name='enableLinkSuggestion', default=True)
-    updated_at = DateTimeField(column_name='updatedAt', default=utcnow)
+    updated_at = AppDateTimeField(column_name='updatedAt', default=utcnow)
 
     class Meta:
         table_name = 'AiConfig'
@@ -287,8 +442,8 @@ class Message(BaseModel):
     id = TextField(primary_key=True, default=new_id)
     title = TextField(null=True)
     content = TextField()
-    created_at = DateTimeField(column_name='createdAt', default=utcnow)
-    updated_at = DateTimeField(column_name='updatedAt', default=utcnow)
+    created_at = AppDateTimeField(column_name='createdAt', default=utcnow)
+    updated_at = AppDateTimeField(column_name='updatedAt', default=utcnow)
     is_starred = BooleanField(column_name='isStarred', default=False)
     is_pinned = BooleanField(column_name='isPinned', default=False)
     # Null for a system message (workspaces); "workspaceId" is read by the SQL of that shape.
@@ -307,7 +462,7 @@ class Message(BaseModel):
         """Insert a message the worker writes (a briefing), as the web app would; with
         ``workspace_id`` (workspaces only) in that workspace."""
         columns = ['id', 'content', 'createdAt', 'updatedAt', 'isStarred', 'isPinned', 'authorId']
-        values = [message_id, content, now, now, False, pinned, author_id]
+        values = [message_id, content, app_time(now), app_time(now), False, pinned, author_id]
         if workspace_id is not None:
             columns.append('workspaceId')
             values.append(workspace_id)
@@ -330,7 +485,7 @@ class Tag(BaseModel):
     id = TextField(primary_key=True, default=new_id)
     name = TextField(unique=True)
     color = TextField(null=True)
-    created_at = DateTimeField(column_name='createdAt', default=utcnow)
+    created_at = AppDateTimeField(column_name='createdAt', default=utcnow)
 
     class Meta:
         table_name = 'Tag'
@@ -442,7 +597,7 @@ class MessageTag(TagLinks):
 class MessageVersion(BaseModel):
     id = TextField(primary_key=True, default=new_id)
     content = TextField()
-    created_at = DateTimeField(column_name='createdAt', default=utcnow)
+    created_at = AppDateTimeField(column_name='createdAt', default=utcnow)
     message = ForeignKeyField(Message, column_name='messageId', object_id_name='message_id',
                               on_delete='CASCADE')
 
@@ -460,8 +615,8 @@ class Workspace(BaseModel):
     enable_auto_tag = BooleanField(column_name='enableAutoTag', default=True)
     enable_briefing = BooleanField(column_name='enableBriefing', default=True)
     user = ForeignKeyField(User, column_name='userId', object_id_name='user_id', on_delete='CASCADE')
-    created_at = DateTimeField(column_name='createdAt', default=utcnow)
-    updated_at = DateTimeField(column_name='updatedAt', default=utcnow)
+    created_at = AppDateTimeField(column_name='createdAt', default=utcnow)
+    updated_at = AppDateTimeField(column_name='updatedAt', default=utcnow)
 
     class Meta:
         table_name = 'Workspace'
@@ -470,8 +625,8 @@ class Workspace(BaseModel):
 class Comment(BaseModel):
     id = TextField(primary_key=True, default=new_id)
     content = TextField()
-    created_at = DateTimeField(column_name='createdAt', default=utcnow)
-    updated_at = DateTimeField(column_name='updatedAt', default=utcnow)
+    created_at = AppDateTimeField(column_name='createdAt', default=utcnow)
+    updated_at = AppDateTimeField(column_name='updatedAt', default=utcnow)
     is_ai_bot = BooleanField(column_name='isAIBot', default=False)
     message = ForeignKeyField(Message, column_name='messageId', object_id_name='message_id',
                               on_delete='CASCADE')
@@ -552,7 +707,11 @@ _IN_WORKSPACE = '("workspaceId" = ? OR ("workspaceId" IS NULL AND "authorId" = ?
 
 def briefing_workspaces() -> list[tuple[str, str | None]]:
     """(workspace id, its owner's briefingTime) of the workspaces with the briefing on;
-    an owner with no AiConfig row has the default time (None)."""
+    an owner with no AiConfig row has the default time (None).  A WhiteNote with no
+    briefing columns (the briefing is the worker's own): every workspace, at the
+    default time; one with no notes that day gets none."""
+    if not shape().briefing_columns:
+        return database.execute_sql('SELECT "id", NULL FROM "Workspace" ORDER BY "id"').fetchall()
     return database.execute_sql(
         'SELECT w."id", a."briefingTime" FROM "Workspace" AS w '
         'LEFT JOIN "AiConfig" AS a ON a."userId" = w."userId" '
@@ -560,21 +719,35 @@ def briefing_workspaces() -> list[tuple[str, str | None]]:
         'ORDER BY w."id"').fetchall()
 
 
+def workspace(workspace_id: str) -> Workspace | None:
+    """The workspace, with the columns this WhiteNote has (``enable_briefing`` None where
+    it has no such switch); None if there is none of that id."""
+    fields = [Workspace.id, Workspace.name, Workspace.is_default, Workspace.user,
+              Workspace.enable_auto_tag, Workspace.ragflow_dataset_id]
+    if shape().briefing_columns:
+        fields.append(Workspace.enable_briefing)
+    return (Workspace
+            .select(*fields)
+            .where(Workspace.id == workspace_id)
+            .first())
+
+
 def workspace_day(workspace: Workspace, title: str, any_title: str, start: datetime.datetime,
                   end: datetime.datetime) -> list[Message]:
     """In one query: the workspace's messages that start with ``title`` (a briefing of
     the day, made already), and those created in [start, end), oldest first, but
     briefings (starting with ``any_title``, or made by the worker)."""
-    return list(Message.raw(sql(
+    created, created_params = time_range_sql('"createdAt"', start, end)
+    found = list(Message.raw(sql(
         'SELECT "id", "content", "createdAt" FROM "Message" '
         'WHERE ' + _IN_WORKSPACE + ' '
         'AND ("content" LIKE ? ESCAPE \'\\\' '
-        'OR ("createdAt" >= ? AND "createdAt" < ? '
+        'OR (' + created + ' '
         'AND "content" NOT LIKE ? ESCAPE \'\\\' '
-        'AND "id" NOT IN ' + MADE_WORKSPACE_BRIEFING_IDS + ')) '
-        'ORDER BY "createdAt", "id"'),
-        workspace.id, workspace.user_id, workspace.is_default, like_prefix(title), start, end,
+        'AND "id" NOT IN ' + MADE_WORKSPACE_BRIEFING_IDS + '))'),
+        workspace.id, workspace.user_id, workspace.is_default, like_prefix(title), *created_params,
         like_prefix(any_title), workspace.id))
+    return sorted(found, key=lambda message: (message.created_at, message.id))
 
 
 def pinned_workspace_briefings(workspace_id: str, any_title: str) -> list[tuple[str, str]]:

@@ -65,6 +65,7 @@ from peewee import DatabaseError
 from peewee import Expression
 from peewee import InterfaceError
 from peewee import ModelSelect
+from peewee import OperationalError
 from peewee import PostgresqlDatabase
 from peewee import Select
 from peewee import SqliteDatabase
@@ -136,7 +137,7 @@ class Settings:
     job_lease: float
     sweep_minutes: int
     sweep_lookback: float
-    sweep_grace: float
+    sweep_grace: float | None  # None: unset, see sweep_grace()
     sweep_requeue: float
     sweep_max_enqueue: int
     sweep_scan_batch: int
@@ -152,6 +153,8 @@ class Settings:
     # ENCRYPTION_KEY, else AUTH_SECRET, else NEXTAUTH_SECRET: what the web app encrypts keys with.
     encryption_secret: str = dataclasses.field(default='', repr=False)
     encryption_setting: str = 'ENCRYPTION_KEY'
+    briefings: str = ''  # on, off, or '' (unset: see briefings_on())
+    briefing_time: str = '08:00'
 
     def __repr__(self) -> str:
         shown = []
@@ -278,7 +281,7 @@ def _hide_password(url: str) -> str:
 _NUMBER = re.compile(r'[0-9]+(?:\.[0-9]+)?')
 
 
-def _float(env: dict, name: str, default: float, maximum: float = 1e9) -> float:
+def _float(env: dict, name: str, default: float | None, maximum: float = 1e9) -> float | None:
     raw = env.get(name, '').strip()
     if not raw:
         return default
@@ -371,7 +374,7 @@ def load_settings(env: dict | None = None) -> Settings:
         job_lease=_float(env, 'JOB_LEASE_SECONDS', 60.0, 86400),
         sweep_minutes=_int(env, 'SWEEP_MINUTES', 1, 1440),
         sweep_lookback=_float(env, 'SWEEP_LOOKBACK_HOURS', 24.0, 24 * 366) * 3600,
-        sweep_grace=_float(env, 'SWEEP_GRACE_SECONDS', 10.0, 86400),
+        sweep_grace=_float(env, 'SWEEP_GRACE_SECONDS', None, 86400),
         sweep_requeue=_float(env, 'SWEEP_REQUEUE_SECONDS', 300.0, 7 * 86400),
         sweep_max_enqueue=_int(env, 'SWEEP_MAX_ENQUEUE', 500, 10 ** 6),
         sweep_scan_batch=_int(env, 'SWEEP_SCAN_BATCH', 5000, 10 ** 6),
@@ -386,7 +389,37 @@ def load_settings(env: dict | None = None) -> Settings:
         bullmq_queue=_bullmq_queue(env),
         encryption_secret=env.get(encryption_setting) or '',
         encryption_setting=encryption_setting,
+        briefings=_switch(env, 'WHITENOTE_BRIEFINGS'),
+        briefing_time=_time_of_day(env, 'BRIEFING_TIME', '08:00'),
     )
+
+
+def _switch(env: dict, name: str) -> str:
+    """on, off, or '' when unset."""
+    value = env.get(name, '').strip().lower()
+    if value not in ('', 'on', 'off'):
+        raise SettingsError('%s: %r is not on or off' % (name, env.get(name)))
+    return value
+
+
+_BRIEFING_TIME = re.compile(r'\s*(\d{1,2}):(\d{2})\s*')
+
+
+def briefing_time(value: str | None) -> datetime.time | None:
+    """A "HH:MM" time of day (a user's briefingTime, BRIEFING_TIME) as a time of day, or None when it is not one."""
+    match = _BRIEFING_TIME.fullmatch(value or '')
+    if match is None or int(match.group(1)) > 23 or int(match.group(2)) > 59:
+        return None
+    return datetime.time(int(match.group(1)), int(match.group(2)))
+
+
+def _time_of_day(env: dict, name: str, default: str) -> str:
+    """A time of day HH:MM (24 hours), as "08:00"."""
+    value = env.get(name, '').strip() or default
+    parsed = briefing_time(value)
+    if parsed is None:
+        raise SettingsError('%s: %r is not a time of day HH:MM (00:00 to 23:59)' % (name, value))
+    return parsed.strftime('%H:%M')
 
 
 ENCRYPTION_SETTINGS = ('ENCRYPTION_KEY', 'AUTH_SECRET', 'NEXTAUTH_SECRET')
@@ -499,8 +532,46 @@ class WorkerSqliteDatabase(SqliteDatabase):
         conn.execute('ATTACH DATABASE ? AS "%s"' % WORKER_SCHEMA, (self.state_path,))
         super()._add_conn_hooks(conn)
 
+    # Sharing the file with the web app: SQLite waits SQLITE_BUSY_TIMEOUT for a lock,
+    # and where it still answers "database is locked" (the wait ran out, or it refuses to
+    # wait because waiting could deadlock) what it refused is tried again: a statement
+    # of its own (outside a transaction, it changed nothing), BEGIN, or COMMIT (the
+    # transaction is still open).  A statement inside a transaction is not: the
+    # transaction fails whole, and the job's retry runs it again.
+
+    def execute_sql(self, sql, params=None):
+        if self.in_transaction():
+            return super().execute_sql(sql, params)
+        return self._when_free(super().execute_sql, sql, params)
+
+    def begin(self, lock_type=None):
+        self._when_free(super().begin, lock_type)
+
+    def commit(self):
+        self._when_free(super().commit)
+
+    @staticmethod
+    def _when_free(call: Callable, *args):
+        for attempt in range(1, SQLITE_BUSY_TRIES + 1):
+            try:
+                return call(*args)
+            except (OperationalError, sqlite3.OperationalError) as exc:
+                if not is_busy(exc) or attempt == SQLITE_BUSY_TRIES:
+                    raise
+                logger.warning('the database is busy (%s): trying again (%d of %d)',
+                               clip(exc, 100), attempt + 1, SQLITE_BUSY_TRIES)
+                time.sleep(random.uniform(0.05, 0.25) * attempt)
+        raise AssertionError('unreachable')
+
 
 STATE_FILE = 'whitenote-huey.db'
+SQLITE_BUSY_TIMEOUT = 10.0  # seconds SQLite waits for another connection's lock, each try
+SQLITE_BUSY_TRIES = 4
+
+
+def is_busy(exc: Exception) -> bool:
+    """Whether SQLite refused for a lock another connection holds (SQLITE_BUSY, SQLITE_LOCKED)."""
+    return str(exc).startswith(('database is locked', 'database table is locked', 'database schema is locked'))
 
 
 def connect_database(url: str) -> SqliteDatabase | PostgresqlDatabase:
@@ -511,8 +582,9 @@ def connect_database(url: str) -> SqliteDatabase | PostgresqlDatabase:
     wrote later would fail at once ("database is locked") under a concurrent writer.
     """
     if is_sqlite(url):
-        return WorkerSqliteDatabase(sqlite_path(url), lock_type='IMMEDIATE', pragmas={
-            'busy_timeout': 10000, 'foreign_keys': 1})
+        return WorkerSqliteDatabase(sqlite_path(url), lock_type='IMMEDIATE', timeout=SQLITE_BUSY_TIMEOUT,
+                                    pragmas={'busy_timeout': int(SQLITE_BUSY_TIMEOUT * 1000),
+                                             'foreign_keys': 1})
     if 'gevent.monkey' in sys.modules and sys.modules['gevent.monkey'].is_module_patched('socket'):
         psycopg2.extensions.set_wait_callback(_gevent_wait)
     url, schema = postgres_url_parts(url)
@@ -2125,6 +2197,14 @@ class _Bearer:
 def ragflow_call(endpoint: RagflowSettings, method: str, path: str, what: str, **kwargs) -> dict:
     """One call on the user's dataset, with the user's key, under an OutboundCall; its
     checked answer."""
+    response, body = ragflow_request(endpoint, method, path, what, **kwargs)
+    return ragflow_answer(response, body, what, endpoint)
+
+
+def ragflow_request(endpoint: RagflowSettings, method: str, path: str, what: str,
+                    **kwargs) -> tuple['requests.Response', bytes]:
+    """One call on the user's dataset, with the user's key, under an OutboundCall: the
+    answer and its body (at most HTTP_MAX_BYTES), unchecked."""
     import requests
     url = '%s/api/v1/datasets/%s/%s' % (endpoint.base_url.rstrip('/'),
                                         quote(endpoint.dataset_id, safe=''), path)
@@ -2154,7 +2234,7 @@ def ragflow_call(endpoint: RagflowSettings, method: str, path: str, what: str, *
             if call.cut_short() is not None:
                 raise call.failure from None
             raise
-    return ragflow_answer(response, body, what, endpoint)
+    return response, body
 
 
 def answer_message(answer: dict) -> str:
@@ -2225,6 +2305,59 @@ def message_documents(endpoint: RagflowSettings, message_id: str) -> list[dict]:
                          'for message %s; not read further' % (settings.ragflow_max_pages, message_id))
 
 
+def download_document(endpoint: RagflowSettings, document_id: str) -> bytes | None:
+    """A document's bytes as uploaded; None when RAGFlow has none (gone, or empty)."""
+    what = 'download'
+    response, body = ragflow_request(endpoint, 'GET', 'documents/%s' % quote(document_id, safe=''), what)
+    if response.status_code == 200 and 'json' not in response.headers.get('Content-Type', ''):
+        return body
+    answer = ragflow_answer(response, body, what, endpoint)  # an envelope: an error
+    if answer['code'] == 102:
+        return None
+    raise _ragflow_failed(answer, what, endpoint)
+
+
+# The mentions of the web app's assistant it takes out of what it uploads, and the white
+# space JavaScript's trim() removes.
+_ASSISTANT_MENTION = re.compile('@goldierill', re.IGNORECASE | re.ASCII)
+_JS_TRIM = re.compile('^[\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]+'
+                      '|[\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]+$')
+
+
+def app_document_texts(content: str, tag_names: list[str]) -> set[str]:
+    """What the web app (today's) uploads for a note with these tags: a line of its tags
+    (by name, joined by one space as its jobs do, or two as its edit route does), a blank
+    line and the content, the assistant's mentions taken out and the whole trimmed
+    ("test" when nothing is left); with the worker's own form, the texts a current
+    document of the note may hold."""
+    texts = {document_text(content, tag_names)}
+    for joint in (' ', '  '):
+        line = joint.join('#' + name for name in sorted(tag_names))
+        text = '%s\n\n%s' % (line, content) if tag_names else content
+        texts.add(_JS_TRIM.sub('', _ASSISTANT_MENTION.sub('', text)) or 'test')
+    return texts
+
+
+def keep_current_upload(endpoint: RagflowSettings, content_id: str, run: JobRun,
+                        texts: set[str]) -> tuple[str, int] | None:
+    """Beside a WhiteNote that syncs new notes itself: a document of the item that holds
+    one of ``texts`` (the web app uploaded it, and it is current) is kept, the item's
+    other documents deleted; (its id, how many deleted).  None when none is current
+    (missing, or stale): the sync uploads it.  Only a document of a size one of the
+    texts has is downloaded to be compared."""
+    docs = message_documents(endpoint, content_id)
+    wanted = {text.encode('utf-8') for text in texts}
+    sizes = {len(text) for text in wanted}
+    for doc in docs:
+        if doc.get('size') in sizes and download_document(endpoint, doc['id']) in wanted:
+            others = [other['id'] for other in docs if other['id'] != doc['id']]
+            if others:
+                run.hold()
+                delete_documents(endpoint, others)
+            return doc['id'], len(others)
+    return None
+
+
 def delete_documents(endpoint: RagflowSettings, ids: list[str]) -> None:
     """Delete these documents; with no ids nothing is sent (RAGFlow would delete them all)."""
     if not ids:
@@ -2263,9 +2396,7 @@ def parse_documents(endpoint: RagflowSettings, ids: list[str]) -> None:
 BRIEFING_TITLE = '# ☀️ 每日晨报 - '
 BRIEFING_TAG = 'DailyReview'
 BRIEFING_TAG_COLOR = '#FFD700'
-BRIEFING_DEFAULT_TIME = '08:00'
 BRIEFING_ANSWER_CHARS = 20000
-_BRIEFING_TIME = re.compile(r'\s*(\d{1,2}):(\d{2})\s*')
 _BRIEFING_TITLE_DAY = re.compile(re.escape(BRIEFING_TITLE) + r'(\d{4})/(\d{1,2})/(\d{1,2})')
 _WORKSPACE_TITLE_DAY = re.compile(re.escape(BRIEFING_TITLE) + r'.* - (\d{4})/(\d{1,2})/(\d{1,2})\s*$')
 _MARKDOWN_HEADING = re.compile(r'^#{1,6}\s+')
@@ -2296,14 +2427,6 @@ BRIEFING_SEPARATOR = '\n---\n'
 # The ids of the briefing messages the worker made for the user (one parameter), in SQL.
 MADE_BRIEFING_IDS = ('(SELECT "message_id" FROM %s '
                      'WHERE "user_id" = ? AND "message_id" IS NOT NULL)' % models.BRIEFING_TABLE)
-
-
-def briefing_time(value: str | None) -> datetime.time | None:
-    """A user's "HH:MM" briefingTime as a time of day, or None when it is not one."""
-    match = _BRIEFING_TIME.fullmatch(value or '')
-    if match is None or int(match.group(1)) > 23 or int(match.group(2)) > 59:
-        return None
-    return datetime.time(int(match.group(1)), int(match.group(2)))
 
 
 def local_now(now: datetime.datetime | None = None) -> datetime.datetime:
@@ -2353,17 +2476,17 @@ def briefing_input(user_id: str, day: datetime.date) -> tuple[str | None, list[M
     """In one query: the id of a briefing of ``day`` the user has already (the worker's
     or one made before it, found by title), and the user's messages created on the
     local ``day``, oldest first, briefings left out."""
-    start, end = local_day_bounds(day)
     title = briefing_title(day) + '\n'
-    found = list(Message.raw(sql(
+    created, created_params = models.time_range_sql('"createdAt"', *local_day_bounds(day))
+    found = sorted(Message.raw(sql(
         'SELECT "id", "content", "createdAt" FROM "Message" '
         'WHERE "authorId" = ? '
         'AND ("content" LIKE ? ESCAPE \'\\\' '
-        'OR ("createdAt" >= ? AND "createdAt" < ? '
+        'OR (' + created + ' '
         'AND "content" NOT LIKE ? ESCAPE \'\\\' '
-        'AND "id" NOT IN ' + MADE_BRIEFING_IDS + ')) '
-        'ORDER BY "createdAt", "id"'),
-        user_id, like_prefix(title), start, end, like_prefix(BRIEFING_TITLE), user_id))
+        'AND "id" NOT IN ' + MADE_BRIEFING_IDS + '))'),
+        user_id, like_prefix(title), *created_params, like_prefix(BRIEFING_TITLE), user_id),
+        key=lambda message: (message.created_at, message.id))
     existing = next((message.id for message in found if message.content.startswith(title)), None)
     return existing, [message for message in found if not message.content.startswith(title)]
 
@@ -2599,6 +2722,18 @@ class WorkspaceBriefingRun(BriefingRun):
         Message.add(message_id, None, content, pinned, now, workspace_id=self.workspace_id)
 
 
+BRIEFINGS_OFF = 'briefings are off (WHITENOTE_BRIEFINGS)'
+
+
+def briefings_on() -> bool:
+    """WHITENOTE_BRIEFINGS: on or off; unset, on where the web app has briefing settings
+    (its users' and workspaces' switches decide), off beside a WhiteNote that has none
+    (today's: the briefing is the worker's own, opt-in)."""
+    if settings.briefings:
+        return settings.briefings == 'on'
+    return models.shape().briefing_columns
+
+
 def briefing_model() -> type[Briefing]:
     """The table of this WhiteNote's briefings: one row per workspace and day with
     workspaces, else per user and day."""
@@ -2610,8 +2745,8 @@ def due_briefings(now: datetime.datetime | None = None) -> tuple[datetime.date, 
     briefing of it is due and not settled.
 
     Due means: local now is at or past the user's (the workspace owner's) briefingTime
-    today.  Two queries, however many.  A day whose run died or whose retry was lost
-    (its lease ran out) is due again.
+    today, BRIEFING_TIME where there is none.  Two queries, however many.  A day whose
+    run died or whose retry was lost (its lease ran out) is due again.
     """
     local = local_now(now)
     day = local.date() - datetime.timedelta(days=1)
@@ -2626,7 +2761,7 @@ def due_briefings(now: datetime.datetime | None = None) -> tuple[datetime.date, 
                                                         | (model.status.in_(BRIEFING_HELD)
                                                            & (model.lease_until >= clock))))
                                               .tuples())}
-    default, due = briefing_time(BRIEFING_DEFAULT_TIME), []
+    default, due = briefing_time(settings.briefing_time), []
     for subject_id, at in models.briefing_workspaces() if workspaces else briefing_users():
         when = briefing_time(at) if at is not None else default
         if subject_id in settled or local.time() < (when or default):
@@ -2634,7 +2769,7 @@ def due_briefings(now: datetime.datetime | None = None) -> tuple[datetime.date, 
         if when is None:
             logger.warning('[daily-briefing] %s: %s %s has briefingTime %r, not HH:MM; '
                            '%s used', day, 'workspace' if workspaces else 'user', subject_id, at,
-                           BRIEFING_DEFAULT_TIME)
+                           settings.briefing_time)
         due.append(subject_id)
     return day, due
 
@@ -2663,10 +2798,11 @@ def _prune_batch(message_ids: list[str], keep: int, dry_run: bool) -> tuple[int,
     # one snapshot; on SQLite the batch holds the write lock), so it only makes an older
     # row survive until the next run.  Rows another run deleted first are skipped, and
     # each batch re-ranks what is there, so repeated or concurrent runs end alike.
+    created = models.sortable_time(MessageVersion.created_at)  # on SQLite, whatever form a row holds
     newest = fn.ROW_NUMBER().over(partition_by=[MessageVersion.message],
-                                  order_by=[MessageVersion.created_at.desc(), MessageVersion.id.desc()])
+                                  order_by=[created.desc(), MessageVersion.id.desc()])
     oldest = fn.ROW_NUMBER().over(partition_by=[MessageVersion.message],
-                                  order_by=[MessageVersion.created_at, MessageVersion.id])
+                                  order_by=[created, MessageVersion.id])
     ranked = (MessageVersion
               .select(MessageVersion.id, MessageVersion.message,
                       newest.alias('newest_rank'), oldest.alias('oldest_rank'))
@@ -2779,7 +2915,8 @@ SCAN_PRIORITY = -10  # what the rolling scans find waits behind the jobs of new 
 SWEPT_FIELDS = (Message.id, Message.author.alias('author_id'), Message.content, Message.created_at)
 SWEPT_COMMENT_FIELDS = (Comment.id, Comment.author.alias('author_id'), Comment.content, Comment.created_at)
 STATE_FIELDS = (JobState.id, JobState.kind, JobState.message_id, JobState.user_id, JobState.status,
-                JobState.content_hash, JobState.updated_at)
+                JobState.content_hash, JobState.updated_at, JobState.tags_added)
+APP_QUEUE_GRACE = 120.0  # SWEEP_GRACE_SECONDS unset, beside a WhiteNote that runs its own jobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2798,6 +2935,24 @@ def needs_run(state: JobState | None, input_hash: str) -> bool:
     if state is None:
         return True
     return state.status not in OPEN_STATUSES and state.content_hash != input_hash
+
+
+def sweep_grace() -> float:
+    """SWEEP_GRACE_SECONDS; unset, 10 s, or APP_QUEUE_GRACE beside a WhiteNote that tags
+    and syncs new notes itself (today's): its queue runs one job at a time, and a note
+    it is about to tag is not the worker's to tag."""
+    if settings.sweep_grace is not None:
+        return settings.sweep_grace
+    return APP_QUEUE_GRACE if models.shape().app_runs_jobs else 10.0
+
+
+def tagged_by_the_app(state: 'JobState | tuple | None', tag_names: list[str]) -> bool:
+    """Beside a WhiteNote that tags new notes itself (app_runs_jobs): whether the note has
+    tags and the worker's record names none it added, so the web app (or the author,
+    which auto-tag leaves alone anyway) tagged it: it is not sent to the model."""
+    if not models.shape().app_runs_jobs or not tag_names:
+        return False
+    return state is None or not json.loads(state.tags_added or '[]')
 
 
 def cursor_position(name: str) -> str:
@@ -2893,7 +3048,7 @@ class Sweep:
         rather than by a list of them."""
         ids = [message.id for message in messages]
         span = (ids[0], ids[-1]) if span and ids else None
-        before = self.now - datetime.timedelta(seconds=settings.sweep_grace if older is None else older)
+        before = self.now - datetime.timedelta(seconds=sweep_grace() if older is None else older)
         messages = [message for message in messages if message.created_at < before]
         ids = [message.id for message in messages]
         mine = JobState.message_id.between(*span) if span else JobState.message_id.in_(ids)
@@ -2910,12 +3065,16 @@ class Sweep:
                 continue
             tagger, owner, tagging, dataset = places[message.id]
             tagging_ends = True  # the sync waits while tagging is due or under way
+            if tagging and models.shape().app_runs_jobs:
+                tags = tag_names_of(ids, span, kind.links) if tags is None else tags
             if tagging and tagger is not None:
                 state = states.get((kind.auto_tag, message.id))
-                if needs_run(state, content_hash(message.content)):
-                    due.setdefault(message.id, []).append(DueJob(kind.auto_tag, message.id, tagger, state))
+                if state is not None and state.status in OPEN_STATUSES:
                     tagging_ends = False
-                elif state.status in OPEN_STATUSES:
+                elif tagged_by_the_app(state, tags.get(message.id, []) if tags is not None else []):
+                    pass  # the web app tagged it: the sync follows, if it is due
+                elif needs_run(state, content_hash(message.content)):
+                    due.setdefault(message.id, []).append(DueJob(kind.auto_tag, message.id, tagger, state))
                     tagging_ends = False
             endpoint = ragflow_settings(configs[owner], check=False, dataset_id=dataset) if owner is not None else None
             if endpoint is not None and tagging_ends:
@@ -2965,12 +3124,11 @@ class Sweep:
         """Messages created or edited in the last SWEEP_LOOKBACK_HOURS, but not in the last
         SWEEP_GRACE_SECONDS (a direct enqueue's turn), oldest first."""
         start = self.now - datetime.timedelta(seconds=settings.sweep_lookback)
-        end = self.now - datetime.timedelta(seconds=settings.sweep_grace)
+        end = self.now - datetime.timedelta(seconds=sweep_grace())
         ids = [message_id for message_id, in (Message
                                               .select(Message.id)
-                                              .where((Message.created_at >= start)
-                                                     & (Message.created_at < end))
-                                              .order_by(Message.created_at, Message.id)
+                                              .where(models.time_range(Message.created_at, start, end))
+                                              .order_by(models.sortable_time(Message.created_at), Message.id)
                                               .tuples())]
         edited = (MessageVersion
                   .select(MessageVersion.message)
@@ -2995,7 +3153,7 @@ class Sweep:
         """Comments (workspaces) created in the last SWEEP_LOOKBACK_HOURS, but not in the
         last SWEEP_GRACE_SECONDS: a range of their cuid primary key, in id order."""
         start = self.now - datetime.timedelta(seconds=settings.sweep_lookback)
-        end = self.now - datetime.timedelta(seconds=settings.sweep_grace)
+        end = self.now - datetime.timedelta(seconds=sweep_grace())
         after = Comment.id >= models.id_floor(start)
         while self.budget > 0:
             comments = list(Comment
@@ -3154,6 +3312,11 @@ def auto_tag_body(run: JobRun, kind: ContentKind, content_id: str, this_task: Ta
     elif is_worker_briefing(item):
         run.finish('skipped', 'a daily briefing is never tagged', content_hash=input_hash)
         return
+    app_runs_jobs = models.shape().app_runs_jobs
+    if app_runs_jobs and tagged_by_the_app(run.state, message_tag_names(content_id, kind.links)):
+        run.finish('skipped', 'tagged already (by the web app, or its author): not sent to the model',
+                   content_hash=input_hash)
+        return
     if run.state.status == 'done' and run.state.content_hash == input_hash:
         return
     if not run.claim(input_hash):
@@ -3168,6 +3331,11 @@ def auto_tag_body(run: JobRun, kind: ContentKind, content_id: str, this_task: Ta
         answer = ask_model(endpoint, tag_prompt(item.content, known_tags))
         names, how = validate_tags(parse_tag_answer(answer)), 'model %s' % endpoint.model
     with database.atomic():
+        if app_runs_jobs and not run.state.added_tag_ids and kind.links.links_of(content_id):
+            # Under the write lock: the web app tagged it while the model answered.
+            run.finish('skipped', 'tagged by the web app meanwhile: its tags stand, %d tag(s) by %s '
+                       'dropped' % (len(names), how))
+            return
         _, _, added = apply_auto_tags(content_id, run.state, names, kind.links)
         run.finish('done', '%d tag(s) by %s' % (len(names), how), tags_added=json.dumps(added))
 
@@ -3269,6 +3437,15 @@ def sync_body(run: JobRun, kind: ContentKind, content_id: str, this_task: TaskWr
             run.hold()
             delete_documents(endpoint, sorted(found - wanted))
             run.finish('done', 'unchanged, %d stray document(s) removed' % len(found - wanted))
+            return
+    if item is not None and models.shape().app_runs_jobs:
+        # The web app syncs new and edited notes itself: what it uploaded, if current, stays.
+        kept = keep_current_upload(endpoint, content_id, run,
+                                   app_document_texts(item.content, message_tag_names(content_id, kind.links)))
+        if kept is not None:
+            run.finish('done', 'the web app\'s upload %s is current: kept, %d other document(s) '
+                       'removed%s' % (kept[0], kept[1], moved), document_id=kept[0],
+                       dataset_id=endpoint.dataset_id)
             return
     if item is None:
         removed = remove_documents(endpoint, content_id, run)
@@ -3433,6 +3610,9 @@ def daily_briefing(user_id: str, day: datetime.date, manual: bool = False,
         if config is None:
             run.finish('skipped', 'user no longer exists')
             return run.outcome
+        if not briefings_on():
+            run.finish('skipped', BRIEFINGS_OFF)
+            return run.outcome
         if not config.enable_briefing:
             run.finish('skipped', 'briefing is off for this user')
             return run.outcome
@@ -3453,7 +3633,10 @@ def write_briefing(run: BriefingRun, config: AiConfig, existing: str | None,
         run.finish('empty', 'no messages on %s: no briefing' % day, **fields)
         return
     covered = within_budget(messages, settings.briefing_max_chars)
-    endpoint = model_settings(config, config.briefing_model, settings.briefing_model)
+    # Where the web app keeps no briefingModel, the user's own model (openaiModel) writes it.
+    columns = models.shape().briefing_columns
+    model = (config.briefing_model if columns else config.openai_model) or settings.briefing_model
+    endpoint = model_settings(config, model, settings.briefing_model)
     if endpoint is None:
         body, how = offline_briefing(covered, messages), 'offline (no model key)'
     else:
@@ -3464,9 +3647,9 @@ def write_briefing(run: BriefingRun, config: AiConfig, existing: str | None,
             raise TransientError('model endpoint gave an empty briefing')
         how = 'model %s' % endpoint.model
     detail = '%d of %d message(s) by %s' % (len(covered), len(messages), how)
-    if briefing_time(config.briefing_time) is None:
+    if columns and briefing_time(config.briefing_time) is None:
         detail += '; briefingTime %r is not HH:MM, %s used' % (config.briefing_time,
-                                                              BRIEFING_DEFAULT_TIME)
+                                                              settings.briefing_time)
     content = briefing_content(day, body, len(covered), len(messages), title)
     if not run.publish(content, detail, covered=len(covered), total=len(messages), **fields):
         logger.warning('[daily-briefing] %s: %s was taken over by another run, which made the '
@@ -3480,7 +3663,7 @@ def workspace_briefing(workspace_id: str, day: datetime.date, manual: bool = Fal
     tries: from the workspace's notes, with its owner's AI settings, titled with the
     workspace's name, a pinned system message in the workspace.  As daily_briefing."""
     with database.connection_context():
-        workspace = Workspace.get_or_none(Workspace.id == workspace_id)
+        workspace = models.workspace(workspace_id)
     owner = workspace.user_id if workspace is not None else ''
     run_class = functools.partial(WorkspaceBriefingRun, day=day.isoformat(), workspace_id=workspace_id)
     with job('daily-briefing', '%s workspace %s' % (day, workspace_id), owner, task, run_class) as run:
@@ -3489,7 +3672,10 @@ def workspace_briefing(workspace_id: str, day: datetime.date, manual: bool = Fal
         if workspace is None:
             run.finish('skipped', 'workspace no longer exists')
             return run.outcome
-        if not workspace.enable_briefing:
+        if not briefings_on():
+            run.finish('skipped', BRIEFINGS_OFF, user_id=owner)
+            return run.outcome
+        if models.shape().briefing_columns and not workspace.enable_briefing:
             run.finish('skipped', 'briefing is off for this workspace', user_id=owner)
             return run.outcome
         start, end = local_day_bounds(day)
@@ -3509,6 +3695,8 @@ def dispatch_briefings(now: datetime.datetime | None = None) -> list[str]:
     Each pass is recorded as the run "briefings", with the day and how many were
     enqueued: ``whitenote-huey status`` shows the last dispatch.
     """
+    if not briefings_on():
+        return []
     task = workspace_briefing if models.shape().workspaces else daily_briefing
     with recorded_run('briefings') as counts:
         day, due = due_briefings(now)
@@ -4002,7 +4190,7 @@ def briefing_counts(dispatch: dict | None) -> dict:
         last = {'outcome': dispatch['outcome'], 'started_at': dispatch['started_at'],
                 'finished_at': dispatch['finished_at'], 'day': dispatch['counts'].get('day'),
                 'enqueued': dispatch['counts'].get('enqueued')}
-    return {'last_dispatch': last,
+    return {'enabled': briefings_on(), 'last_dispatch': last,
             'days': [{'day': day.isoformat(), **days[day]} for day in sorted(days, reverse=True)]}
 
 
@@ -4048,7 +4236,9 @@ def print_status(report: dict) -> None:
 
 def print_briefings(briefings: dict) -> None:
     last = briefings['last_dispatch']
-    if last is None:
+    if not briefings['enabled']:
+        print('\nbriefings: off (WHITENOTE_BRIEFINGS=on makes them)')
+    elif last is None:
         print('\nbriefings: no dispatch recorded yet (a consumer dispatches them every minute)')
     else:
         print('\nbriefings: last dispatch %s, %s, for the day %s: %s enqueued' % (
@@ -4185,7 +4375,7 @@ def cmd_retag(args: argparse.Namespace) -> int:
             return refuse('retag', 'no user with id or email %r' % args.user)
         query = query.where(Message.author == user.id)
     if args.since:
-        query = query.where(Message.created_at >= args.since)
+        query = query.where(models.time_range(Message.created_at, args.since, None))
     if args.failed:
         query = (query
                  .join(JobState, on=(JobState.message_id == Message.id)
@@ -4344,6 +4534,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_briefing(args: argparse.Namespace) -> int:
     day = (args.date or local_now().date()) - datetime.timedelta(days=1)
+    if not briefings_on():
+        return refuse('briefing', '%s; set WHITENOTE_BRIEFINGS=on to make them%s' % (
+            BRIEFINGS_OFF, '' if models.shape().briefing_columns else
+            ' (this WhiteNote, %s, has no briefing of its own)' % models.shape().name))
     if models.shape().workspaces:
         return workspace_briefings_now(args, day)
     if args.workspace is not None:
@@ -4388,7 +4582,7 @@ def workspace_briefings_now(args: argparse.Namespace, day: datetime.date) -> int
         if user is None:
             return refuse('briefing', 'no user with id or email %r' % args.user)
     if args.workspace is not None:
-        workspace = Workspace.get_or_none(Workspace.id == args.workspace)
+        workspace = models.workspace(args.workspace)
         if workspace is None or (user is not None and workspace.user_id != user.id):
             return refuse('briefing', 'no workspace with id %r%s' % (
                 args.workspace, '' if user is None else ' of user %r' % args.user))

@@ -6,6 +6,7 @@ to enable them; with WHITENOTE_REQUIRE_SERVICES=1 (as in CI) they fail instead.
 """
 import dataclasses
 import os
+import sqlite3
 import sys
 import tempfile
 
@@ -97,6 +98,24 @@ def wdb(request, tmp_path):
                                 'workspaces_postgres_url')
     assert models.shape() is models.WORKSPACES
     yield bound
+    models.database.close()
+
+
+@pytest.fixture
+def today(tmp_path):
+    """The models bound to today's WhiteNote on SQLite (caae1ff): the file its migration
+    makes, at data/whitenote.db in the web app's folder ``tmp_path``, named as its .env
+    names it (an absolute path here: the test's working directory is not that folder)."""
+    (tmp_path / 'data').mkdir()
+    path = tmp_path / 'data' / 'whitenote.db'
+    connection = sqlite3.connect(path)
+    connection.executescript(open(services.TODAY_SQL).read())
+    connection.close()
+    url = 'file:%s' % path
+    whitenote_huey.use_database(url)
+    models.create_tables()
+    assert models.shape() is models.TODAY
+    yield services.Database('sqlite', url, models.database)
     models.database.close()
 
 

@@ -1,6 +1,7 @@
 """Reaching the test services, and the helpers that prepare databases and data."""
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import shutil
@@ -23,6 +24,9 @@ SCHEMA_SQL = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'whitenote
 WORKSPACES_SQL = {kind: os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                      'whitenote-workspaces-%s.sql' % kind)
                   for kind in ('postgresql', 'sqlite')}
+# Today's WhiteNote on SQLite (caae1ff): its migration, and its Prisma data model.
+TODAY_SQL = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'whitenote-today-sqlite.sql')
+TODAY_PRISMA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'whitenote-today.prisma')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 HOW_TO_ENABLE = {
@@ -31,7 +35,8 @@ HOW_TO_ENABLE = {
                   'or set TEST_DATABASE_URL',
     'redis-server': 'install redis-server: the crash tests start Redis servers of their own',
     'node': "install Node.js 20 and npm: the tests enqueue with the web app's own BullMQ client "
-            '(npm bullmq@5) and make key vectors with Node\'s crypto',
+            "(npm bullmq@5), write today's SQLite WhiteNote through its own Prisma Client 7 and make "
+            'key vectors with Node\'s crypto',
 }
 
 
@@ -524,3 +529,78 @@ class WebAppQueue:
         """Nothing waiting or running."""
         counts = self.counts()
         return not (counts['wait'] or counts['active'] or counts['prioritized'])
+
+
+PRISMA_PACKAGES = ('prisma@7', '@prisma/client@7', '@prisma/adapter-better-sqlite3@7', 'better-sqlite3@12')
+WEBAPP_PRISMA_JS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'webapp_prisma.cjs')
+
+
+def prisma_client() -> tuple[str, str]:
+    """Prisma Client 7 generated from today's WhiteNote's data model (TODAY_PRISMA), in
+    the cache: (the client's folder, the node_modules that hold the adapter).  Generated
+    once per data model, into a temporary folder renamed into place.  ``prisma generate``
+    needs no engine for this client but would download one: PRISMA_SCHEMA_ENGINE_BINARY
+    and PRISMA_QUERY_ENGINE_LIBRARY name a stand-in, and the missing checksums are
+    ignored."""
+    modules = os.path.join(npm_packages('prisma7', *PRISMA_PACKAGES), 'node_modules')
+    model = open(TODAY_PRISMA).read()
+    target = os.path.join(NODE_CACHE, 'prisma7-client-%s' % hashlib.sha256(model.encode()).hexdigest()[:12])
+    ready = os.path.join(target, 'generated')  # written last: the client is whole
+    if os.path.isfile(ready):
+        return os.path.join(target, 'client'), modules
+    building = tempfile.mkdtemp(prefix='prisma7-client.', dir=NODE_CACHE)
+    try:
+        os.symlink(modules, os.path.join(building, 'node_modules'))
+        stand_in = os.path.join(building, 'no-engine')
+        with open(stand_in, 'w') as handle:
+            handle.write('#!/bin/sh\necho "no engine here" >&2\nexit 1\n')
+        os.chmod(stand_in, 0o755)
+        with open(os.path.join(building, 'schema.prisma'), 'w') as handle:
+            handle.write('generator client {\n  provider = "prisma-client-js"\n  output   = "%s"\n}\n\n%s'
+                         % (os.path.join(target, 'client'), model))
+        env = dict(os.environ, PRISMA_SCHEMA_ENGINE_BINARY=stand_in, PRISMA_QUERY_ENGINE_LIBRARY=stand_in,
+                   PRISMA_ENGINES_CHECKSUM_IGNORE_MISSING='1', CHECKPOINT_DISABLE='1',
+                   PRISMA_HIDE_UPDATE_MESSAGE='1')
+        # Generated where it stays (the client names its own folder), under a lock that
+        # makes concurrent runs wait for the first; "generated" marks it whole.
+        import fcntl
+        with open(os.path.join(NODE_CACHE, 'prisma7-client.lock'), 'w') as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not os.path.isfile(ready):
+                shutil.rmtree(target, ignore_errors=True)
+                result = subprocess.run(['node', os.path.join(modules, 'prisma', 'build', 'index.js'), 'generate',
+                                         '--schema', os.path.join(building, 'schema.prisma')],
+                                        cwd=building, env=env, capture_output=True, text=True, timeout=300)
+                assert result.returncode == 0, result.stdout + result.stderr
+                open(ready, 'w').close()
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return os.path.join(target, 'client'), modules
+
+
+class WebAppPrisma:
+    """Today's WhiteNote's data layer, as the web app runs it: Prisma Client 7 with
+    @prisma/adapter-better-sqlite3, on the SQLite file ``path``, driven by webapp_prisma.cjs."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.client, self.modules = prisma_client()
+
+    def start(self, command: str, payload=None) -> subprocess.Popen:
+        """The command in the background; finish() reads what it printed."""
+        process = subprocess.Popen(['node', WEBAPP_PRISMA_JS, self.client, 'file:' + self.path, command],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, env=dict(os.environ, NODE_PATH=self.modules))
+        process.stdin.write(json.dumps(payload))
+        process.stdin.close()
+        return process
+
+    @staticmethod
+    def finish(process: subprocess.Popen, timeout: float = 300):
+        out, err = process.stdout.read(), process.stderr.read()
+        process.wait(timeout)
+        assert process.returncode == 0, err
+        return json.loads(out)
+
+    def run(self, command: str, payload=None):
+        return self.finish(self.start(command, payload))

@@ -264,7 +264,7 @@ def test_status_shows_the_last_dispatch_and_the_briefings_of_recent_days(db, mod
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     briefings = report['briefings']
-    assert set(briefings) == {'last_dispatch', 'days'}
+    assert set(briefings) == {'enabled', 'last_dispatch', 'days'} and briefings['enabled'] is True
     last = briefings['last_dispatch']
     assert (last['outcome'], last['day'], last['enqueued']) == ('done', yesterday.isoformat(), 0)
     assert last['started_at'].endswith('Z') and last['finished_at'] >= last['started_at']

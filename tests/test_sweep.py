@@ -266,7 +266,9 @@ def test_sweep_settings_are_read_and_checked():
     defaults = whitenote_huey.load_settings({})
     assert (defaults.sweep_minutes, defaults.sweep_lookback, defaults.sweep_grace,
             defaults.sweep_requeue, defaults.sweep_max_enqueue, defaults.sweep_scan_batch) == (
-        1, 86400.0, 10.0, 300.0, 500, 5000)
+        1, 86400.0, None, 300.0, 500, 5000)
+    assert whitenote_huey.sweep_grace() == 10.0  # unset, beside a WhiteNote whose jobs come to the worker
+    assert whitenote_huey.load_settings({'SWEEP_GRACE_SECONDS': '2.5'}).sweep_grace == 2.5
     loaded = whitenote_huey.load_settings({'SWEEP_MINUTES': '5', 'SWEEP_LOOKBACK_HOURS': '2',
                                            'SWEEP_REQUEUE_SECONDS': '30'})
     assert (loaded.sweep_minutes, loaded.sweep_lookback, loaded.sweep_requeue) == (5, 7200.0, 30.0)
