@@ -535,9 +535,12 @@ class WorkerSqliteDatabase(SqliteDatabase):
     # Sharing the file with the web app: SQLite waits SQLITE_BUSY_TIMEOUT for a lock,
     # and where it still answers "database is locked" (the wait ran out, or it refuses to
     # wait because waiting could deadlock) what it refused is tried again: a statement
-    # of its own (outside a transaction, it changed nothing), BEGIN, or COMMIT (the
-    # transaction is still open).  A statement inside a transaction is not: the
+    # of its own (outside a transaction, it changed nothing), BEGIN, COMMIT (the
+    # transaction is still open), or the connection's ATTACH.  A statement inside a transaction is not: the
     # transaction fails whole, and the job's retry runs it again.
+
+    def _connect(self) -> sqlite3.Connection:
+        return self._when_free(super()._connect)  # ATTACH reads the app's file: it may wait too
 
     def execute_sql(self, sql, params=None):
         if self.in_transaction():

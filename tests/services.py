@@ -273,11 +273,12 @@ def free_port() -> int:
 
 
 def subprocess_env(env: dict) -> dict:
-    """This process's environment for a worker subprocess; REDIS_URL only if ``env`` has it."""
+    """This process's environment for a worker subprocess; REDIS_URL only if ``env`` has it,
+    and none of the variables ``env`` sets to None."""
     full = {k: v for k, v in os.environ.items() if k != 'REDIS_URL'}
     full['PYTHONPATH'] = ROOT
     full.update(env)
-    return full
+    return {k: v for k, v in full.items() if v is not None}
 
 
 def enqueue_in_subprocess(env: dict, cwd: str, pairs: list) -> list:
