@@ -521,7 +521,14 @@ class WorkerSqliteDatabase(SqliteDatabase):
     writes both files (a briefing's message and its row) is atomic across them when the
     app's file is in rollback mode too, and when it is in WAL the app's file commits
     first: a crash in between leaves the message without the row, which the next run
-    finds by its title, never a row that names a message that is not there.
+    finds by its title, never a row that names a message that is not there (beside
+    today's WhiteNote, tags without their record count as the app's: kept, not redone).
+
+    A transaction begins with BEGIN IMMEDIATE, which takes the write lock of both files
+    at once: the jobs open one only for writes that touch the app's tables (a note's
+    tags with their record, a briefing, a batch of the version clean-up), a few
+    statements long; their other writes are single statements, which lock only the file
+    they write.
     """
 
     def __init__(self, path: str, **options):
