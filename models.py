@@ -1,9 +1,10 @@
 """Peewee models: WhiteNote's tables, mapped exactly, and the worker's own state.
 
-The web app (Prisma on PostgreSQL) owns "User", "AiConfig", "Message", "Tag",
-"MessageTag" and "MessageVersion" (and, since workspaces, "Workspace", "Comment" and
-"CommentTag"): quoted PascalCase tables, camelCase columns, text ids, naive UTC
-timestamps.  The worker reads and writes their rows but never changes their shape.
+The web app (Prisma on PostgreSQL, today on SQLite) owns "User", "AiConfig", "Message",
+"Tag", "MessageTag" and "MessageVersion" (and, since workspaces, "Workspace", "Comment"
+and "CommentTag"): quoted PascalCase tables, camelCase columns, text ids, naive UTC
+timestamps (on SQLite, Prisma's text: see the times below).  The worker reads and
+writes their rows but never changes their shape.
 Its own state lives out of the web app's sight, in tables named ``whitenote_huey_*`` in
 a schema of their own, "whitenote_huey": a PostgreSQL schema, or on SQLite a file
 beside the app's, attached to each connection under that name.  Which WhiteNote the
