@@ -164,11 +164,11 @@ def test_tables_made_by_an_older_worker_get_the_new_columns(db):
     """A worker table made before the owner and lost_runs columns existed gets them,
     once, and keeps its rows; a second worker adding them at the same time is no error."""
     for model, column, _ in models.ADDED_COLUMNS:
-        db.handle.execute_sql('ALTER TABLE "%s" DROP COLUMN "%s"' % (model._meta.table_name, column))
-    db.handle.execute_sql('INSERT INTO "whitenote_huey_job" ("kind", "message_id", "user_id", "status", '
+        db.handle.execute_sql('ALTER TABLE %s DROP COLUMN "%s"' % (models.qualified(model), column))
+    db.handle.execute_sql('INSERT INTO ' + models.JOB_TABLE + ' ("kind", "message_id", "user_id", "status", '
                           '"attempts", "tags_added", "created_at", "updated_at") '
-                          "VALUES ('auto-tag', 'm-old', 'u-old', 'done', 1, '[]', %s, %s)"
-                          % (('CURRENT_TIMESTAMP',) * 2))
+                          "VALUES ('auto-tag', 'm-old', 'u-old', 'done', 1, '[]', CURRENT_TIMESTAMP, "
+                          'CURRENT_TIMESTAMP)')
     added = models.create_tables()
     assert sorted(added) == ['whitenote_huey_briefing.lost_runs', 'whitenote_huey_job.lost_runs',
                              'whitenote_huey_job.owner']
